@@ -1,0 +1,306 @@
+"""One validated configuration for a radrl experiment.
+
+Everything a user can set lives here, one pydantic model per concern. Defaults are the
+papers' and the DDPO reference's values; YAML files in `configs/` hold only what differs.
+`load_config` reads YAML, applies `--set a.b.c=value` overrides and validates the lot
+before anything starts; every error names the dotted path of the bad field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Weight sources understood by every model builder (see radrl/models/):
+#   "embedded"  the tiny model trained by `radrl bootstrap` and shipped inside the package
+#   "random"    the architecture given by `arch`, randomly initialised (tests, smoke runs)
+#   anything else: a local path (file or folder), or a hub id for users with access
+EMBEDDED = "embedded"
+RANDOM = "random"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    source: Literal["embedded", "mimic_cxr", "iu_xray"] = Field(
+        "embedded",
+        description="embedded = IU report text paired with phantom radiographs; "
+        "mimic_cxr / iu_xray = real images from local folders",
+    )
+    image_size: int = Field(64, ge=32, le=512, description="image side in pixels")
+    postures_per_report: int = Field(
+        4, ge=1, description="embedded: phantoms rendered per report, each in its own posture"
+    )
+    posture_spread: float = Field(
+        1.0, ge=0.0, le=2.0, description="embedded: 0 = always upright, 1 = realistic mis-positioning"
+    )
+    max_tokens: int = Field(74, ge=1, description="M: longest report kept, in text-encoder tokens")
+    mimic_root: Path | None = Field(None, description="MIMIC-CXR-JPG folder (files/, metadata and split CSVs)")
+    mimic_reports_root: Path | None = Field(None, description="MIMIC-CXR reports folder; default mimic_root")
+    iu_image_dir: Path | None = Field(None, description="folder of the IU X-ray PNG images")
+    n_train: int = Field(5000, ge=1, description="report/image pairs sampled from the train split")
+    n_test: int = Field(1000, ge=1, description="pairs sampled from the test split (PA only)")
+
+    @model_validator(mode="after")
+    def _paths_for_real_sources(self) -> DataConfig:
+        if self.source == "mimic_cxr" and self.mimic_root is None:
+            raise ValueError("data.source is 'mimic_cxr' but data.mimic_root is not set: point it at your MIMIC-CXR-JPG folder")
+        if self.source == "iu_xray" and self.iu_image_dir is None:
+            raise ValueError("data.source is 'iu_xray' but data.iu_image_dir is not set: point it at the IU X-ray PNG folder")
+        return self
+
+
+# -------------------------------------------------------------------------- models
+
+
+class DiffusionModelConfig(Section):
+    weights: str = Field(EMBEDDED, description="'embedded', 'random', or a diffusers SD 1.x folder / hub id (RoentGen)")
+    arch: Literal["tiny", "sd1"] = Field("tiny", description="architecture when weights='random'")
+    use_vae: bool = Field(False, description="denoise VAE latents (SD 1.x) instead of pixels (tiny)")
+
+
+class PostureModelConfig(Section):
+    weights: str = Field(EMBEDDED, description="'embedded', 'random', or a .safetensors/.pt file")
+    arch: Literal["tiny", "resnet18"] = "tiny"
+
+
+class ClassifierConfig(Section):
+    weights: str = Field(
+        EMBEDDED,
+        description="'embedded', 'random', a torchxrayvision name (e.g. 'densenet121-res224-all', "
+        "must be in its local cache), or a local weight file",
+    )
+    arch: Literal["tiny", "densenet121"] = "tiny"
+
+
+class ClipConfig(Section):
+    weights: str = Field(EMBEDDED, description="'embedded', 'random', or an open_clip checkpoint file / hf-hub: id")
+    arch: Literal["tiny", "biomedclip", "cxr_clip"] = "tiny"
+    open_clip_config: Path | None = Field(None, description="open_clip model JSON for a local checkpoint")
+
+
+class ReportGeneratorConfig(Section):
+    decoder_weights: str = Field(EMBEDDED, description="'embedded', 'random', or a transformers folder / hub id")
+    decoder_arch: Literal["tiny", "opt2.7b"] = "tiny"
+    num_regions: int = Field(29, ge=1, description="K: anatomical regions (Chest ImaGenome)")
+    region_blocks: int = Field(3, ge=1, description="region cross-/self-attention blocks")
+    vtrans_layers: int = Field(3, ge=1, description="VTrans transformer layers")
+    instruction: str = "Write the findings and impression of this chest radiograph."
+    max_new_tokens: int = Field(96, ge=1, description="longest generated report, in tokens")
+
+
+class ModelsConfig(Section):
+    diffusion: DiffusionModelConfig = DiffusionModelConfig()
+    posture: PostureModelConfig = PostureModelConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    clip: ClipConfig = ClipConfig()
+    report_generator: ReportGeneratorConfig = ReportGeneratorConfig()
+
+
+# ------------------------------------------------------------------------- rollout
+
+
+class Resources(Section):
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a device")
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(1, ge=1, description="rollout worker actors")
+    batch_size: int = Field(8, ge=1, description="reports per worker per sampling call")
+    batches_per_iteration: int = Field(1, ge=1, description="sampling calls per worker per iteration")
+    num_steps: int = Field(50, ge=1, description="DDIM steps")
+    eta: float = Field(1.0, gt=0.0, description="DDIM eta; > 0 or log-probs are undefined")
+    guidance_scale: float = Field(5.0, ge=1.0, description="classifier-free guidance (also used in training)")
+    share_noise_with_anchor: bool = Field(True, description="policy and anchor start from the same noise")
+    resources: Resources = Resources()
+
+
+# ------------------------------------------------------------------------- rewards
+
+
+class RewardsConfig(Section):
+    lambda_align: float = Field(1.0, ge=0, description="weight of r_align")
+    lambda_diag: float = Field(10.0, ge=0, description="weight of r_diag")
+    lambda_consist: float = Field(10.0, ge=0, description="weight of r_consist")
+    rlcf: bool = Field(True, description="comparative feedback against the anchor; False = 'w/o RLCF'")
+    replicas: int = Field(1, ge=1, description="actors per reward model")
+    radcliq_version: Literal["v0", "v1"] = "v1"
+    rrg_reward: Literal["radcliq", "bleu4"] = "radcliq"
+    resources: Resources = Resources()
+
+
+# ------------------------------------------------------------------------- learner
+
+
+class LearnerConfig(Section):
+    iterations: int = Field(100, ge=1, description="sample→score→update rounds")
+    batch_size: int = Field(8, ge=1, description="trajectories per gradient step")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (LoRA)")
+    ace_lr: float | None = Field(None, gt=0, description="learning rate of the ACE tokens; default lr")
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    inner_epochs: int = Field(1, ge=1)
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip on the importance ratio (DDPO)")
+    adv_clip_max: float = Field(5.0, gt=0)
+    timestep_fraction: float = Field(1.0, gt=0, le=1.0, description="share of denoising steps trained on")
+    per_prompt_stats: bool = Field(True, description="normalise advantages per report (stat tracker)")
+    stat_buffer_size: int = Field(16, ge=1)
+    stat_min_count: int = Field(16, ge=1)
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float = Field(4.0, gt=0)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    ace_tokens: int = Field(3, ge=0, description="N adaptive condition embeddings; 0 = 'w/o ACE'")
+    kl_threshold: float = Field(1.0, description="theta of the adaptive lambda_KL (rrg)")
+    adaptive_kl: bool = Field(True, description="rrg: lambda_KL = 1 if reward >= theta else reward/theta")
+    lambda_kl: float = Field(1.0, ge=0, description="rrg: the fixed lambda_KL when adaptive_kl is off")
+    supervised_epochs: int = Field(3, ge=0, description="rrg: supervised stage before CQRL")
+    resources: Resources = Resources()
+
+
+# ------------------------------------------------------------------- orchestration
+
+
+class OrchestrationConfig(Section):
+    local: bool = Field(False, description="run every role in-process, no Ray")
+    address: str | None = Field(None, description="Ray cluster address ('auto' joins a running one)")
+    max_staleness: int = Field(0, ge=0, description="oldest weight version a batch may come from (0 = on-policy)")
+
+
+class LoggingConfig(Section):
+    run_dir: Path = Field(Path("runs/default"), description="TensorBoard events, checkpoints, figures")
+    image_every: int = Field(10, ge=1, description="iterations between image grids")
+    checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
+
+
+# ---------------------------------------------------------------------- experiment
+
+
+class ExperimentConfig(Section):
+    task: Literal["cxrl", "rrg"] = "cxrl"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    models: ModelsConfig = ModelsConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    learner: LearnerConfig = LearnerConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> ExperimentConfig:
+        per_iteration = self.rollout.num_workers * self.rollout.batch_size * self.rollout.batches_per_iteration
+        if per_iteration % self.learner.batch_size:
+            raise ValueError(
+                f"learner.batch_size = {self.learner.batch_size} does not divide the {per_iteration} trajectories "
+                f"sampled per iteration (rollout.num_workers × rollout.batch_size × rollout.batches_per_iteration); "
+                "pick a divisor"
+            )
+        if self.learner.stat_min_count > self.learner.stat_buffer_size:
+            raise ValueError("learner.stat_min_count must not exceed learner.stat_buffer_size")
+        if self.task == "cxrl" and self.rewards.lambda_align + self.rewards.lambda_diag + self.rewards.lambda_consist == 0:
+            raise ValueError(
+                "rewards.lambda_align, rewards.lambda_diag and rewards.lambda_consist are all 0: nothing to learn from; "
+                "enable at least one reward"
+            )
+        if self.models.diffusion.use_vae and self.models.diffusion.weights == RANDOM and self.models.diffusion.arch == "tiny":
+            raise ValueError("models.diffusion.use_vae needs arch 'sd1' or a pretrained folder; the tiny model denoises pixels")
+        return self
+
+
+# ------------------------------------------------------------------------- loading
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with every problem on its own line."""
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-after"))
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    """Field names of the section that `loc` (path to a bad key) lives in."""
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = _dotted(item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            key = str(item["loc"][-1])
+            valid = _valid_keys(item["loc"])
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"{path}: unknown key{hint} (valid here: {', '.join(valid)})")
+        elif item["type"] == "value_error":  # our cross-field rules name their fields themselves
+            lines.append(item["msg"].removeprefix("Value error, "))
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{path}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set learner.lr=1e-4")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `a.b.c=value` override set (unknown keys fail at validation)."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the schema defaults if None), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        raw = loaded or {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        where = f" ({path})" if path else ""
+        raise ConfigError(_explain(error).replace("invalid config:", f"invalid config{where}:", 1)) from None

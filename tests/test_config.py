@@ -1,0 +1,80 @@
+"""Configuration: shipped configs validate; every error names the bad field."""
+
+from pathlib import Path
+
+import pytest
+
+from radrl.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.task in ("cxrl", "rrg")
+
+
+def test_paper_config_matches_the_paper():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "cxrl_roentgen_mimic.yaml")
+    assert cfg.rollout.num_workers * cfg.rollout.batch_size == 81
+    assert cfg.learner.lr == 3e-4
+    assert (cfg.rewards.lambda_align, cfg.rewards.lambda_diag, cfg.rewards.lambda_consist) == (1, 10, 10)
+    assert cfg.learner.ace_tokens == 3 and cfg.data.max_tokens == 74
+    assert cfg.models.diffusion.use_vae and cfg.rewards.rlcf
+
+
+def test_defaults_are_the_reference_hyperparameters():
+    cfg = ExperimentConfig()
+    assert (cfg.rollout.num_steps, cfg.rollout.eta, cfg.rollout.guidance_scale) == (50, 1.0, 5.0)
+    assert (cfg.learner.clip_range, cfg.learner.adv_clip_max, cfg.learner.max_grad_norm) == (1e-4, 5.0, 1.0)
+
+
+def test_override_sets_nested_value_with_yaml_types():
+    cfg = load_config(None, ["learner.lr=1e-5", "rollout.share_noise_with_anchor=false", "learner.lora_targets=[to_q]"])
+    assert cfg.learner.lr == 1e-5
+    assert cfg.rollout.share_noise_with_anchor is False
+    assert cfg.learner.lora_targets == ("to_q",)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("learner.lrr=1", r"learner\.lrr: unknown key; did you mean 'lr'\?"),
+        ("learner.lr=abc", r"learner\.lr: Input should be a valid number"),
+        ("rollout.eta=0", r"rollout\.eta: Input should be greater than 0"),
+        ("rollout.resources.num_gpu=1", r"rollout\.resources\.num_gpu: unknown key"),
+        ("task=segmentation", r"task: Input should be 'cxrl' or 'rrg'"),
+        ("learner.batch_size=3", r"learner\.batch_size = 3 does not divide the 8 trajectories"),
+        ("data.source=mimic_cxr", r"data\.mimic_root is not set"),
+        ("data.image_size=16", r"data\.image_size: Input should be greater than or equal to 32"),
+        ("widgets.count=3", r"widgets: unknown key"),
+    ],
+)
+def test_errors_name_the_field(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_all_lambdas_zero_is_refused():
+    overrides = ["rewards.lambda_align=0", "rewards.lambda_diag=0", "rewards.lambda_consist=0"]
+    with pytest.raises(ConfigError, match="rewards.lambda_align, rewards.lambda_diag and rewards.lambda_consist"):
+        load_config(None, overrides)
+
+
+def test_several_errors_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["learner.lr=-1", "rollout.num_steps=0"])
+    assert "learner.lr" in str(info.value) and "rollout.num_steps" in str(info.value)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["learner.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="learner.lr is a value, not a section"):
+        apply_overrides({"learner": {"lr": 1}}, ["learner.lr.x=2"])
