@@ -38,7 +38,7 @@ class DataConfig(Section):
         description="embedded = IU report text paired with phantom radiographs; "
         "mimic_cxr / iu_xray = real images from local folders",
     )
-    image_size: int = Field(64, ge=32, le=512, description="image side in pixels")
+    image_size: int = Field(32, ge=32, le=512, description="image side in pixels (the embedded world is 32 px)")
     postures_per_report: int = Field(
         4, ge=1, description="embedded: phantoms rendered per report, each in its own posture"
     )

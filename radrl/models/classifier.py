@@ -58,9 +58,16 @@ class DiagnosticClassifier(nn.Module):
         return tuple(XRV_TO_CHEXPERT.get(t, t) for t in self.targets)
 
 
-def tiny_classifier(targets: tuple[str, ...] = PAPER_CLASSES) -> DiagnosticClassifier:
-    """A small randomly initialised xrv DenseNet for 64 px phantoms."""
-    return DiagnosticClassifier(xrv.models.DenseNet(num_classes=len(targets), **TINY_ARCH), targets, resolution=64)
+def tiny_classifier(targets: tuple[str, ...] = PAPER_CLASSES, resolution: int = 32) -> DiagnosticClassifier:
+    """A small randomly initialised xrv DenseNet for the embedded world's phantoms."""
+    return DiagnosticClassifier(xrv.models.DenseNet(num_classes=len(targets), **TINY_ARCH), targets, resolution)
+
+
+def load_tiny_classifier(path) -> DiagnosticClassifier:
+    """The tiny classifier from a file written by `save_classifier`."""
+    model = tiny_classifier()
+    model.densenet.load_state_dict(load_state(path))
+    return model.eval()
 
 
 def _xrv_named(name: str) -> DiagnosticClassifier:
@@ -82,9 +89,7 @@ def build_classifier(cfg: ClassifierConfig) -> DiagnosticClassifier:
             return tiny_classifier()
         return DiagnosticClassifier(xrv.models.DenseNet(**DENSENET121), tuple(xrv.datasets.default_pathologies), 224)
     if cfg.weights == EMBEDDED:
-        model = tiny_classifier()
-        model.densenet.load_state_dict(load_state(embedded_path("classifier.safetensors")))
-        return model.eval()
+        return load_tiny_classifier(embedded_path("classifier.safetensors"))
     if cfg.weights in xrv.models.model_urls:
         return _xrv_named(cfg.weights).eval()
     path = local_path(cfg.weights, "models.classifier.weights",

@@ -21,11 +21,11 @@ from radrl.models.tokenizer import EOS_ID, PAD_ID
 from radrl.models.weights import MissingWeightsError, embedded_path, looks_like_hub_id
 
 
-def tiny_clip_config(vocab_size: int, image_size: int = 64) -> dict:
+def tiny_clip_config(vocab_size: int, image_size: int = 32) -> dict:
     """open_clip model_cfg of a small ViT + text transformer CLIP over the report tokenizer."""
     return {
         "embed_dim": 128,
-        "vision_cfg": {"image_size": image_size, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+        "vision_cfg": {"image_size": image_size, "layers": 4, "width": 128, "head_width": 32, "patch_size": 4},
         "text_cfg": {
             "context_length": 77, "vocab_size": vocab_size, "width": 128, "heads": 4, "layers": 3,
             # open_clip reads the tokenizer files from the model folder when this is set (local-dir:).

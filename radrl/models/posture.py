@@ -66,12 +66,14 @@ def build_posture(cfg: PostureModelConfig) -> PostureRegressor:
     if cfg.weights == RANDOM:
         return PostureRegressor(cfg.arch)
     if cfg.weights == EMBEDDED:
-        path = embedded_path("posture.safetensors")
-        arch = "tiny"
-    else:
-        path = local_path(cfg.weights, "models.posture.weights",
-                          "Train one with `radrl bootstrap` or give a .safetensors file of a PostureRegressor state dict")
-        arch = cfg.arch
+        return load_posture(embedded_path("posture.safetensors"), "tiny")
+    path = local_path(cfg.weights, "models.posture.weights",
+                      "Train one with `radrl bootstrap` or give a .safetensors file of a PostureRegressor state dict")
+    return load_posture(path, cfg.arch)
+
+
+def load_posture(path, arch: str) -> PostureRegressor:
+    """A regressor of the given architecture from a state-dict file."""
     model = PostureRegressor(arch)
     model.load_state_dict(load_state(path))
     return model.eval()
