@@ -101,5 +101,9 @@ def build_classifier(cfg: ClassifierConfig) -> DiagnosticClassifier:
 
 
 def save_classifier(model: DiagnosticClassifier, path) -> None:
-    """Write the DenseNet's weights (fp16) for `build_classifier` to read back."""
-    save_state(model.densenet, path, half=True)
+    """Write the DenseNet's weights for `build_classifier` to read back.
+
+    Kept in fp32: on xrv's ±1024 pixel scale the first BatchNorm's running variance
+    overflows fp16 (which made every output constant).
+    """
+    save_state(model.densenet, path)
