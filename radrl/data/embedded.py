@@ -88,6 +88,6 @@ def render_specs(specs: list[PhantomSpec], size: int, processes: int = 2) -> np.
     if processes <= 1 or len(jobs) < 64:
         images = [_render(job) for job in jobs]
     else:
-        with get_context("spawn").Pool(processes) as pool:
+        with get_context("fork").Pool(processes) as pool:  # fork: no re-import of the caller's __main__ (numpy-only work)
             images = pool.map(_render, jobs, chunksize=64)
     return np.stack(images)[:, None].astype(np.float32)
