@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTForCausalLM
 from torchmetrics.functional.classification import binary_auroc
 
-from radrl.data.embedded import EmbeddedPair, embedded_pairs, random_specs, render_specs
+from radrl.data.embedded import EmbeddedPair, embedded_pairs, findings_from_labels, random_specs, render_specs
 from radrl.data.iu_reports import iu_split
+from radrl.data.labeler import label_reports
 from radrl.data.phantom import canonical_image
 from radrl.models.classifier import DiagnosticClassifier, load_tiny_classifier, save_classifier, tiny_classifier
 from radrl.models.clip import ImageReportClip, from_model_cfg, load_clip, tiny_clip_config
@@ -43,6 +44,7 @@ class BootstrapPlan:
     classifier_epochs: int = 20
     posture_epochs: int = 10
     clip_epochs: int = 6
+    clip_lr: float = 5e-4
     decoder_epochs: int = 3
     diffusion_steps: int = 1200
     diffusion_batch: int = 16
@@ -133,7 +135,7 @@ def train_clip(images, reports: list[str], tokenizer_dir: Path, plan: BootstrapP
     clip = from_model_cfg(tiny_clip_config(len(tokenizer.tokenizer), IMAGE_SIZE), tokenizer)
     tokens = tokenizer(reports)
     loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=plan.clip_lr, weight_decay=0.05)
     rng = np.random.default_rng(3)
     for epoch in range(plan.clip_epochs):
         clip.train()
@@ -150,14 +152,25 @@ def train_clip(images, reports: list[str], tokenizer_dir: Path, plan: BootstrapP
 
 @torch.no_grad()
 def clip_retrieval(clip: ImageReportClip, images, reports: list[str]) -> dict[str, float]:
-    """Image→report top-1/top-5 among the distinct held-out reports (duplicates of the true text count as hits)."""
+    """Image→report retrieval among the distinct held-out reports.
+
+    `top1`/`top5`: the exact report is retrieved. Most IU reports are normal and worded alike,
+    so also `top1_same_findings`/`top5_same_findings`: a retrieved report describes the same
+    set of drawn findings, with `chance_same_findings` the hit rate of a random top-1.
+    """
     unique = sorted(set(reports))
     text_features = torch.cat([clip.encode_reports(unique[i : i + 256]) for i in range(0, len(unique), 256)])
     image_features = torch.cat([clip.encode_images(images[i : i + 256]) for i in range(0, len(images), 256)])
     ranking = (image_features @ text_features.T).argsort(dim=1, descending=True)
     truth = torch.tensor([unique.index(r) for r in reports])
+    findings = [findings_from_labels(v) for v in label_reports(unique)]
+    same = torch.tensor([[findings[j] == findings[t] for j in range(len(unique))] for t in truth.tolist()])
+    retrieved_same = same.gather(1, ranking[:, :5])
     return {"top1": float((ranking[:, 0] == truth).float().mean()),
             "top5": float((ranking[:, :5] == truth[:, None]).any(dim=1).float().mean()),
+            "top1_same_findings": float(retrieved_same[:, 0].float().mean()),
+            "top5_same_findings": float(retrieved_same.any(dim=1).float().mean()),
+            "chance_same_findings": float(same.float().mean()),
             "candidates": len(unique)}
 
 

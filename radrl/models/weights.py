@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from radrl.config import EMBEDDED, RANDOM
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
@@ -33,11 +32,6 @@ def local_path(spec: str, what: str, how_to: str) -> Path:
     if not path.exists():
         raise MissingWeightsError(f"{what}: '{spec}' does not exist. {how_to}")
     return path
-
-
-def is_local_or_hub(spec: str) -> bool:
-    """True when `spec` names user weights rather than 'embedded' or 'random'."""
-    return spec not in (EMBEDDED, RANDOM)
 
 
 def looks_like_hub_id(spec: str) -> bool:
