@@ -43,7 +43,7 @@ class BootstrapPlan:
     reward_test_images: int = 1000
     classifier_epochs: int = 20
     posture_epochs: int = 10
-    clip_epochs: int = 6
+    clip_epochs: int = 10
     clip_lr: float = 5e-4
     decoder_epochs: int = 3
     diffusion_steps: int = 1200
@@ -76,11 +76,12 @@ def target_matrix(specs, classifier: DiagnosticClassifier) -> torch.Tensor:
     return torch.tensor([[float(name in spec.findings) for name in names] for spec in specs])
 
 
-def train_classifier(images, targets, plan: BootstrapPlan, start: float) -> DiagnosticClassifier:
+def train_classifier(images, targets, plan: BootstrapPlan, start: float, seed: int) -> DiagnosticClassifier:
     """Multi-label BCE on randomly drawn phantoms."""
+    torch.manual_seed(seed)  # each stage reproducible on its own
     model = tiny_classifier(resolution=IMAGE_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     for epoch in range(plan.classifier_epochs):
         model.train()
         for idx in _batches(len(images), 64, rng):
@@ -100,12 +101,13 @@ def classifier_auroc(model: DiagnosticClassifier, images, targets) -> dict[str, 
             for c, name in enumerate(model.targets) if 0 < targets[:, c].sum() < len(targets)}
 
 
-def train_posture(images, plan: BootstrapPlan, start: float) -> PostureRegressor:
+def train_posture(images, plan: BootstrapPlan, start: float, seed: int) -> PostureRegressor:
     """The paper's unsupervised loss: L2 between the de-warped image and the canonical image."""
+    torch.manual_seed(seed)  # each stage reproducible on its own
     canonical = torch.from_numpy(canonical_image(IMAGE_SIZE)).view(1, 1, IMAGE_SIZE, IMAGE_SIZE)
     model = PostureRegressor("tiny")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     for epoch in range(plan.posture_epochs):
         model.train()
         for idx in _batches(len(images), 64, rng):
@@ -129,14 +131,17 @@ def posture_errors(model: PostureRegressor, images, specs) -> dict[str, float]:
     return result
 
 
-def train_clip(images, reports: list[str], tokenizer_dir: Path, plan: BootstrapPlan, start: float) -> ImageReportClip:
+def train_clip(
+    images, reports: list[str], tokenizer_dir: Path, plan: BootstrapPlan, start: float, seed: int
+) -> ImageReportClip:
     """Contrastive image–report training (open_clip's ClipLoss)."""
+    torch.manual_seed(seed)  # each stage reproducible on its own
     tokenizer = open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=77)
     clip = from_model_cfg(tiny_clip_config(len(tokenizer.tokenizer), IMAGE_SIZE), tokenizer)
     tokens = tokenizer(reports)
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=plan.clip_lr, weight_decay=0.05)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     for epoch in range(plan.clip_epochs):
         clip.train()
         for idx in _batches(len(images), 64, rng):
@@ -174,13 +179,14 @@ def clip_retrieval(clip: ImageReportClip, images, reports: list[str]) -> dict[st
             "candidates": len(unique)}
 
 
-def train_decoder(reports: list[str], tokenizer, plan: BootstrapPlan, start: float) -> DecoderLM:
+def train_decoder(reports: list[str], tokenizer, plan: BootstrapPlan, start: float, seed: int) -> DecoderLM:
     """Language-model pretraining of the tiny OPT on report text."""
+    torch.manual_seed(seed)  # each stage reproducible on its own
     lm = DecoderLM(OPTForCausalLM(tiny_decoder_config(len(tokenizer))), tokenizer)
     batch = tokenizer(reports, padding=True, truncation=True, max_length=128, return_tensors="pt")
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     optimizer = torch.optim.AdamW(lm.model.parameters(), lr=1e-3, weight_decay=0.01)
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(seed)
     for epoch in range(plan.decoder_epochs):
         lm.model.train()
         for idx in _batches(len(reports), 32, rng):
@@ -201,8 +207,11 @@ def decoder_perplexity(lm: DecoderLM, reports: list[str]) -> float:
     return float(torch.exp(lm.model(**batch, labels=labels).loss))
 
 
-def train_diffusion(pairs: list[EmbeddedPair], images, tokenizer, plan: BootstrapPlan, start: float) -> DiffusionModels:
+def train_diffusion(
+    pairs: list[EmbeddedPair], images, tokenizer, plan: BootstrapPlan, start: float, seed: int
+) -> DiffusionModels:
     """Text-to-phantom DDPM training of UNet + text encoder, with 10% empty prompts for guidance."""
+    torch.manual_seed(seed)  # each stage reproducible on its own
     models = random_diffusion("tiny", IMAGE_SIZE, tokenizer)
     tokens = tokenizer([p.report for p in pairs], padding="max_length", truncation=True, max_length=77,
                        return_tensors="pt").input_ids
@@ -210,8 +219,8 @@ def train_diffusion(pairs: list[EmbeddedPair], images, tokenizer, plan: Bootstra
     params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=min(100, plan.diffusion_steps))
-    generator = torch.Generator().manual_seed(5)
-    rng = np.random.default_rng(5)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     models.unet.train()
     models.text_encoder.train()
     for step in range(plan.diffusion_steps):
@@ -273,7 +282,6 @@ def diffusion_quality(models, classifier, posture, pairs: list[EmbeddedPair], re
 def run_bootstrap(out_dir: Path = EMBEDDED_DIR, plan: BootstrapPlan = BootstrapPlan(), seed: int = 0) -> dict:
     """Train and write every tiny model, then measure the quality report from the written files."""
     start = time.time()
-    torch.manual_seed(seed)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -286,17 +294,17 @@ def run_bootstrap(out_dir: Path = EMBEDDED_DIR, plan: BootstrapPlan = BootstrapP
     specs = random_specs(plan.reward_train_images, seed=seed + 1)
     images = torch.from_numpy(render_specs(specs, IMAGE_SIZE))
     _log(f"rendered {len(images)} random phantoms for the reward models", start)
-    classifier = train_classifier(images, target_matrix(specs, tiny_classifier(resolution=IMAGE_SIZE)), plan, start)
+    classifier = train_classifier(images, target_matrix(specs, tiny_classifier(resolution=IMAGE_SIZE)), plan, start, seed + 1)
     save_classifier(classifier, staging / "classifier.safetensors")
-    save_state(train_posture(images, plan, start), staging / "posture.safetensors", half=True)
+    save_state(train_posture(images, plan, start, seed + 2), staging / "posture.safetensors", half=True)
 
     train_pairs = embedded_pairs("train", plan.postures_per_report, reports=train_reports)
     train_images = torch.from_numpy(render_specs([p.phantom for p in train_pairs], IMAGE_SIZE))
     _log(f"rendered {len(train_pairs)} train report phantoms", start)
-    clip = train_clip(train_images, [p.report for p in train_pairs], staging / "tokenizer", plan, start)
+    clip = train_clip(train_images, [p.report for p in train_pairs], staging / "tokenizer", plan, start, seed + 3)
     clip.save(staging / "clip", tiny_clip_config(len(tokenizer), IMAGE_SIZE), staging / "tokenizer")
-    train_decoder([r.text for r in train_reports], tokenizer, plan, start).save(staging / "decoder")
-    train_diffusion(train_pairs, train_images, tokenizer, plan, start).save(staging / "diffusion")
+    train_decoder([r.text for r in train_reports], tokenizer, plan, start, seed + 4).save(staging / "decoder")
+    train_diffusion(train_pairs, train_images, tokenizer, plan, start, seed + 5).save(staging / "diffusion")
 
     quality = measure_quality(staging, plan, seed)
     quality["seconds"] = round(time.time() - start, 1)
