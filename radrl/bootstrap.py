@@ -106,7 +106,7 @@ def train_posture(images, plan: BootstrapPlan, start: float, seed: int) -> Postu
     torch.manual_seed(seed)  # each stage reproducible on its own
     canonical = torch.from_numpy(canonical_image(IMAGE_SIZE)).view(1, 1, IMAGE_SIZE, IMAGE_SIZE)
     model = PostureRegressor("tiny")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     for epoch in range(plan.posture_epochs):
         model.train()
@@ -114,6 +114,7 @@ def train_posture(images, plan: BootstrapPlan, start: float, seed: int) -> Postu
             loss = alignment_loss(model, images[idx], canonical)
             optimizer.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
         _log(f"posture epoch {epoch + 1}/{plan.posture_epochs}: alignment L2 {loss.item():.4f}", start)
     return model.eval()

@@ -17,8 +17,11 @@ from radrl.config import EMBEDDED, RANDOM, PostureModelConfig
 from radrl.data.phantom import posture_matrix
 from radrl.models.weights import embedded_path, load_state, local_path
 
-# ψ of an upright image; the network predicts offsets from it so that a fresh head starts there.
+# ψ of an upright image; the network predicts bounded offsets from it, so a fresh head starts
+# upright and the unsupervised alignment loss cannot run off to degenerate warps (e.g. zooming
+# into a flat region), which it did in one of two seeds without the bound.
 UPRIGHT = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])
+MAX_OFFSET = torch.tensor([0.5, 0.5, 0.5, 0.5, torch.pi / 4])  # scale ±0.5, shift ±0.5, rotation ±45°
 BLOCKS = {"tiny": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2]}
 
 
@@ -33,9 +36,10 @@ class PostureRegressor(nn.Module):
         nn.init.zeros_(self.backbone.fc.weight)
         nn.init.zeros_(self.backbone.fc.bias)
         self.register_buffer("upright", UPRIGHT.clone(), persistent=False)
+        self.register_buffer("max_offset", MAX_OFFSET.clone(), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.upright + self.backbone(images * 2 - 1)
+        return self.upright + self.max_offset * torch.tanh(self.backbone(images * 2 - 1))
 
 
 def r_align(posture: torch.Tensor) -> torch.Tensor:
