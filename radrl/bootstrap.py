@@ -358,7 +358,7 @@ def write_sample_figure(folder: Path, plan: BootstrapPlan = BootstrapPlan(), cou
     figure, axes = plt.subplots(2, len(pairs), figsize=(2 * len(pairs), 4.6))
     for i, pair in enumerate(pairs):
         axes[0, i].imshow(real[i, 0], cmap="gray", vmin=0, vmax=1)
-        axes[0, i].set_title("\n".join(sorted(pair.phantom.findings))[:60], fontsize=6)
+        axes[0, i].set_title("\n".join(sorted(pair.phantom.findings)), fontsize=6)
         axes[1, i].imshow(generated[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
     for ax in axes.flat:
         ax.set_xticks([])
