@@ -17,21 +17,11 @@ import torch
 
 from radrl.data.observations import CHEXPERT_OBSERVATIONS
 
-RENDERED_FINDINGS: tuple[str, ...] = (
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Lung Opacity",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Fracture",
-    "Support Devices",
+# Every CheXpert observation except the two with nothing to draw, in CheXpert order (the order
+# also numbers each finding's random stream, so it must not change).
+RENDERED_FINDINGS: tuple[str, ...] = tuple(
+    name for name in CHEXPERT_OBSERVATIONS if name not in ("No Finding", "Pleural Other")
 )
-assert set(RENDERED_FINDINGS) <= set(CHEXPERT_OBSERVATIONS)
 
 MIN_SIZE, MAX_SIZE = 32, 512
 RIGHT, LEFT = -1, 1  # the patient's side, as the sign of x (patient's right is image left)
