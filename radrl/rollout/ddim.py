@@ -1,0 +1,67 @@
+"""One DDIM denoising step as a Gaussian policy, with the log-probability DDPO needs.
+
+With η > 0 the DDIM update x_t → x_{t−1} samples from N(μ_θ(x_t, t), σ_t² I); DDPO's policy
+gradient needs log p_θ(x_{t−1} | x_t, c), recomputed at training time for the recorded
+x_{t−1}. Plain PyTorch on top of a diffusers DDIMScheduler's ᾱ table; no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDIMScheduler
+
+
+def previous_timesteps(scheduler: DDIMScheduler) -> torch.Tensor:
+    """t_{i+1} for each t_i of the scheduler's own list (−1 after the last step).
+
+    Taken from the list rather than computed as t − 1000 // steps, which is only right for
+    "leading" spacing (a known bug of the DDPO reference code).
+    """
+    timesteps = scheduler.timesteps
+    return torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
+
+
+def _alpha_bar(scheduler: DDIMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t, with ᾱ_{−1} = the scheduler's final ᾱ (1 with set_alpha_to_one, else ᾱ_0)."""
+    table = scheduler.alphas_cumprod.to(t.device)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=table.dtype, device=t.device)
+    return torch.where(t >= 0, table[t.clamp(min=0)], final)
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    eps: torch.Tensor,  # [B, C, H, W] predicted noise (after guidance)
+    t: torch.Tensor,  # [B] or [] current timestep
+    prev_t: torch.Tensor,  # [B] or [] next timestep from previous_timesteps()
+    x_t: torch.Tensor,  # [B, C, H, W]
+    eta: float,
+    prev_sample: torch.Tensor | None = None,  # [B, C, H, W] recorded x_{t−1}; None = sample one
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x_{t−1}, log p(x_{t−1} | x_t)) with the log-prob averaged over non-batch dims → [B]."""
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"ddim_step_with_logprob handles epsilon prediction, not {scheduler.config.prediction_type!r}")
+    if eta <= 0:
+        raise ValueError("eta must be > 0: with eta = 0 the step is deterministic and its log-prob undefined")
+    shape = (-1,) + (1,) * (x_t.dim() - 1)
+    t, prev_t = t.expand(x_t.shape[0]), prev_t.expand(x_t.shape[0])
+    alpha_t = _alpha_bar(scheduler, t).view(shape).to(x_t.dtype)
+    alpha_prev = _alpha_bar(scheduler, prev_t).view(shape).to(x_t.dtype)
+
+    # x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t, clipped to the data range when the scheduler clips
+    x0 = (x_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    # σ_t = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1})
+    std = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+    # μ = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ_t²)·ε
+    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
+    if prev_sample is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        prev_sample = mean + std * noise
+    # log N(x_{t−1}; μ, σ²) per element, then the mean (not sum) over C, H, W: sums over
+    # thousands of dimensions overflow the importance ratio.
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.dim())))
