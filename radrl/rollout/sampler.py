@@ -1,0 +1,62 @@
+"""Sampling diffusion trajectories with per-step log-probs (what a rollout worker returns)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from radrl.models.diffusion_policy import DiffusionPolicy
+from radrl.rollout.ddim import ddim_step_with_logprob, previous_timesteps
+
+
+@dataclass(frozen=True)
+class DiffusionTrajectory:
+    """A batch of DDIM chains, one per report, and the weight version that produced them."""
+
+    reports: tuple[str, ...]
+    latents: torch.Tensor  # [B, T+1, C, H, W]: x_T, …, x_0
+    timesteps: torch.Tensor  # [T] t of each step
+    prev_timesteps: torch.Tensor  # [T] t−1 of each step, from the scheduler's list
+    log_probs: torch.Tensor  # [B, T] log p(x_{t−1} | x_t, c), mean over C, H, W
+    images: torch.Tensor  # [B, 1, H, W] in [0, 1]
+    weight_version: int
+
+
+def text_conditions(policy: DiffusionPolicy, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_p of each report, c_p of the empty prompt), both [B, M, d], from the frozen text encoder."""
+    cond = policy.models.encode_reports(reports)
+    uncond = policy.models.encode_reports([""]).expand_as(cond)
+    return cond, uncond
+
+
+@torch.no_grad()
+def sample_trajectories(policy: DiffusionPolicy, reports: list[str], num_steps: int, eta: float, guidance_scale: float,
+                        initial_noise: torch.Tensor, weight_version: int, generator: torch.Generator) -> DiffusionTrajectory:
+    """Run DDIM from `initial_noise` [B, C, H, W] and record every step (policy or, in policy.anchor(), the anchor)."""
+    scheduler = policy.models.scheduler
+    scheduler.set_timesteps(num_steps, device=initial_noise.device)
+    timesteps, prev_timesteps = scheduler.timesteps, previous_timesteps(scheduler)
+    cond, uncond = text_conditions(policy, reports)
+    x, latents, log_probs = initial_noise, [initial_noise], []
+    for t, prev_t in zip(timesteps, prev_timesteps):
+        eps = policy.predict_noise(x, t, cond, uncond, guidance_scale)
+        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, prev_t, x, eta, generator=generator)
+        latents.append(x)
+        log_probs.append(log_prob)
+    return DiffusionTrajectory(
+        reports=tuple(reports), latents=torch.stack(latents, dim=1), timesteps=timesteps.clone(),
+        prev_timesteps=prev_timesteps, log_probs=torch.stack(log_probs, dim=1),
+        images=policy.models.to_images(x), weight_version=weight_version,
+    )
+
+
+def step_log_prob(policy: DiffusionPolicy, trajectory: DiffusionTrajectory, step: int, cond: torch.Tensor,
+                  uncond: torch.Tensor, eta: float, guidance_scale: float) -> torch.Tensor:
+    """log p_θ of the recorded transition `step` under the current weights (differentiable) → [B]."""
+    x_t = trajectory.latents[:, step]
+    t, prev_t = trajectory.timesteps[step], trajectory.prev_timesteps[step]
+    eps = policy.predict_noise(x_t, t, cond, uncond, guidance_scale)
+    _, log_prob = ddim_step_with_logprob(policy.models.scheduler, eps, t, prev_t, x_t, eta,
+                                         prev_sample=trajectory.latents[:, step + 1])
+    return log_prob
