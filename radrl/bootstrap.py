@@ -17,21 +17,42 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, OPTForCausalLM
 from torchmetrics.functional.classification import binary_auroc
+from transformers import OPTForCausalLM
 
-from radrl.data.embedded import EmbeddedPair, embedded_pairs, findings_from_labels, random_specs, render_specs
+from radrl.config import ReportGeneratorConfig
+from radrl.data.embedded import (
+    EmbeddedPair,
+    embedded_pairs,
+    findings_from_labels,
+    random_specs,
+    render_specs,
+)
 from radrl.data.iu_reports import iu_split
 from radrl.data.labeler import label_reports
 from radrl.data.phantom import canonical_image
-from radrl.models.classifier import DiagnosticClassifier, load_tiny_classifier, save_classifier, tiny_classifier
-from radrl.models.clip import ImageReportClip, from_model_cfg, load_clip, tiny_clip_config
+from radrl.models.classifier import (
+    PAPER_CLASSES,
+    DiagnosticClassifier,
+    chexpert_names,
+    load_tiny_classifier,
+    save_classifier,
+    tiny_classifier,
+)
+from radrl.models.clip import (
+    ImageReportClip,
+    from_model_cfg,
+    load_clip,
+    tiny_clip_config,
+)
 from radrl.models.diffusion import DiffusionModels, load_diffusion, random_diffusion
 from radrl.models.posture import PostureRegressor, alignment_loss, load_posture, r_align
-from radrl.models.report_lm import DecoderLM, tiny_decoder_config
+from radrl.models.report_lm import DecoderLM, build_decoder, tiny_decoder_config
 from radrl.models.tokenizer import save_tokenizer, train_report_tokenizer
 from radrl.models.weights import EMBEDDED_DIR, save_state
 
+QUALITY_GUIDANCE = 3.0  # classifier-free guidance of the quality samples and the sample figure
+QUALITY_SAMPLE_SEED = 6
 IMAGE_SIZE = 32  # the embedded world's resolution: what a 2-core CPU can train and sample in minutes
 
 
@@ -70,9 +91,8 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
         yield torch.from_numpy(order[i : i + batch_size])
 
 
-def target_matrix(specs, classifier: DiagnosticClassifier) -> torch.Tensor:
-    """[N, C] 0/1 targets of each phantom for the classifier's classes."""
-    names = classifier.chexpert_names()
+def target_matrix(specs, names: tuple[str, ...]) -> torch.Tensor:
+    """[N, C] 0/1 targets of each phantom for the given CheXpert class names."""
     return torch.tensor([[float(name in spec.findings) for name in names] for spec in specs])
 
 
@@ -146,7 +166,7 @@ def train_clip(
     for epoch in range(plan.clip_epochs):
         clip.train()
         for idx in _batches(len(images), 64, rng):
-            image_features = F.normalize(clip.model.encode_image(clip._prepare(images[idx])), dim=-1)
+            image_features = clip.encode_images(images[idx])
             text_features = F.normalize(clip.model.encode_text(tokens[idx]), dim=-1)
             loss = loss_fn(image_features, text_features, clip.model.logit_scale.exp())
             optimizer.zero_grad()
@@ -264,10 +284,10 @@ def sample_images(models: DiffusionModels, reports: list[str], steps: int, guida
 def diffusion_quality(models, classifier, posture, pairs: list[EmbeddedPair], real_images, plan: BootstrapPlan) -> dict:
     """Does the classifier find the prompt's findings in generated images, and how upright are they?"""
     reports = [p.report for p in pairs]
-    generated = sample_images(models, reports, plan.sample_steps, guidance=3.0, seed=6)
+    generated = sample_images(models, reports, plan.sample_steps, QUALITY_GUIDANCE, QUALITY_SAMPLE_SEED)
     names = classifier.chexpert_names()
-    truth = torch.tensor([[float(n in p.phantom.findings) for n in names] for p in pairs])
-    result = {"samples": len(pairs), "ddim_steps": plan.sample_steps, "guidance": 3.0}
+    truth = target_matrix([p.phantom for p in pairs], names)
+    result = {"samples": len(pairs), "ddim_steps": plan.sample_steps, "guidance": QUALITY_GUIDANCE}
     for label, images in (("generated", generated), ("real_phantoms", real_images)):
         probs = torch.sigmoid(classifier(images))
         aurocs = [float(binary_auroc(probs[:, c], truth[:, c].long())) for c in range(len(names))
@@ -295,7 +315,7 @@ def run_bootstrap(out_dir: Path = EMBEDDED_DIR, plan: BootstrapPlan = BootstrapP
     specs = random_specs(plan.reward_train_images, seed=seed + 1)
     images = torch.from_numpy(render_specs(specs, IMAGE_SIZE))
     _log(f"rendered {len(images)} random phantoms for the reward models", start)
-    classifier = train_classifier(images, target_matrix(specs, tiny_classifier(resolution=IMAGE_SIZE)), plan, start, seed + 1)
+    classifier = train_classifier(images, target_matrix(specs, chexpert_names(PAPER_CLASSES)), plan, start, seed + 1)
     save_classifier(classifier, staging / "classifier.safetensors")
     save_state(train_posture(images, plan, start, seed + 2), staging / "posture.safetensors", half=True)
 
@@ -328,7 +348,7 @@ def measure_quality(folder: Path, plan: BootstrapPlan = BootstrapPlan(), seed: i
     posture = load_posture(folder / "posture.safetensors", "tiny")
     specs = held_out_specs(plan, seed)
     images = torch.from_numpy(render_specs(specs, IMAGE_SIZE))
-    aurocs = classifier_auroc(classifier, images, target_matrix(specs, classifier))
+    aurocs = classifier_auroc(classifier, images, target_matrix(specs, classifier.chexpert_names()))
     quality: dict = {"seed": seed, "plan": plan.__dict__, "image_size": IMAGE_SIZE,
                      "classifier_auroc": aurocs | {"mean": float(np.mean(list(aurocs.values())))},
                      "posture": posture_errors(posture, images, specs)}
@@ -336,7 +356,7 @@ def measure_quality(folder: Path, plan: BootstrapPlan = BootstrapPlan(), seed: i
     test_pairs = embedded_pairs("test", 1)
     test_images = torch.from_numpy(render_specs([p.phantom for p in test_pairs], IMAGE_SIZE))
     quality["clip_retrieval"] = clip_retrieval(load_clip(str(folder / "clip")), test_images, [p.report for p in test_pairs])
-    decoder = DecoderLM(AutoModelForCausalLM.from_pretrained(folder / "decoder"), AutoTokenizer.from_pretrained(folder / "decoder"))
+    decoder = build_decoder(ReportGeneratorConfig(decoder_weights=str(folder / "decoder")))
     quality["decoder_perplexity"] = decoder_perplexity(decoder, [p.report for p in test_pairs])
     chosen = test_pairs[: plan.quality_samples]
     diffusion = load_diffusion(folder / "diffusion", use_vae=False)
@@ -354,7 +374,7 @@ def write_sample_figure(folder: Path, plan: BootstrapPlan = BootstrapPlan(), cou
     pairs = [p for p in embedded_pairs("test", 1) if p.phantom.findings][:count]
     real = render_specs([p.phantom for p in pairs], IMAGE_SIZE, processes=1)
     generated = sample_images(load_diffusion(folder / "diffusion", use_vae=False), [p.report for p in pairs],
-                              plan.sample_steps, guidance=3.0, seed=6)
+                              plan.sample_steps, QUALITY_GUIDANCE, QUALITY_SAMPLE_SEED)
     figure, axes = plt.subplots(2, len(pairs), figsize=(2 * len(pairs), 4.6))
     for i, pair in enumerate(pairs):
         axes[0, i].imshow(real[i, 0], cmap="gray", vmin=0, vmax=1)

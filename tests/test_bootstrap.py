@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from radrl.bootstrap import BootstrapPlan, classifier_auroc, held_out_specs, posture_errors, run_bootstrap, target_matrix
+from radrl.bootstrap import (
+    BootstrapPlan,
+    classifier_auroc,
+    held_out_specs,
+    posture_errors,
+    run_bootstrap,
+    target_matrix,
+)
 from radrl.data.embedded import render_specs
 from radrl.models.classifier import load_tiny_classifier
 from radrl.models.posture import load_posture
@@ -20,7 +27,7 @@ def test_shipped_classifier_auroc_is_remeasured_from_the_shipped_file():
     classifier = load_tiny_classifier(embedded_path("classifier.safetensors"))
     specs = held_out_specs(plan, quality["seed"])
     images = torch.from_numpy(render_specs(specs, quality["image_size"]))
-    aurocs = classifier_auroc(classifier, images, target_matrix(specs, classifier))
+    aurocs = classifier_auroc(classifier, images, target_matrix(specs, classifier.chexpert_names()))
     assert np.mean(list(aurocs.values())) == pytest.approx(quality["classifier_auroc"]["mean"], abs=1e-5)
     posture = posture_errors(load_posture(embedded_path("posture.safetensors"), "tiny"), images, specs)
     assert posture["mae_r_align"] == pytest.approx(quality["posture"]["mae_r_align"], abs=1e-5)

@@ -55,7 +55,12 @@ class DiagnosticClassifier(nn.Module):
 
     def chexpert_names(self) -> tuple[str, ...]:
         """The targets in the labeler's (CheXpert) spelling."""
-        return tuple(XRV_TO_CHEXPERT.get(t, t) for t in self.targets)
+        return chexpert_names(self.targets)
+
+
+def chexpert_names(xrv_targets: tuple[str, ...]) -> tuple[str, ...]:
+    """torchxrayvision class names in the labeler's (CheXpert) spelling."""
+    return tuple(XRV_TO_CHEXPERT.get(t, t) for t in xrv_targets)
 
 
 def tiny_classifier(targets: tuple[str, ...] = PAPER_CLASSES, resolution: int = 32) -> DiagnosticClassifier:
