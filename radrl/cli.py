@@ -69,6 +69,47 @@ def config(
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cxrl_tiny.yaml"
+
+
+@app.command()
+def train(
+    path: Annotated[Path | None, typer.Argument(help="YAML config (default: configs/cxrl_tiny.yaml)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set learner.lr=1e-4")] = None,
+    local: Annotated[bool, typer.Option("--local", help="run every role in this process, no Ray")] = False,
+    address: Annotated[str | None, typer.Option(help="join a Ray cluster ('auto': the one on this node)")] = None,
+    num_rollout_workers: Annotated[int | None, typer.Option(help="rollout worker actors")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run folder's latest checkpoint")] = False,
+) -> None:
+    """Train (CXRL) on a local Ray instance, a cluster (--address) or in-process (--local)."""
+    import logging
+
+    from radrl.config import ConfigError, load_config
+
+    overrides = list(set_ or [])
+    if local:
+        overrides.append("orchestration.local=true")
+    if address:
+        overrides.append(f"orchestration.address={address}")
+    if num_rollout_workers is not None:
+        overrides.append(f"rollout.num_workers={num_rollout_workers}")
+    try:
+        cfg = load_config(path or DEFAULT_CONFIG, overrides)
+    except ConfigError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    if cfg.task != "cxrl":
+        typer.echo(f"task {cfg.task!r} is not trainable yet (LM-RRG is issue 4); use a cxrl config", err=True)
+        raise typer.Exit(2)
+    # radrl's own progress at INFO; libraries (open_clip logs every model load on the root logger) at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("radrl").setLevel(logging.INFO)
+    from radrl.orchestration.run import run_training
+
+    results = run_training(cfg, resume=resume)
+    typer.echo(results)
+
+
 def format_quality(quality: dict) -> str:
     """A short human-readable view of a bootstrap quality report."""
     auroc = quality["classifier_auroc"]

@@ -177,13 +177,16 @@ class LearnerConfig(Section):
 class OrchestrationConfig(Section):
     local: bool = Field(False, description="run every role in-process, no Ray")
     address: str | None = Field(None, description="Ray cluster address ('auto' joins a running one)")
-    max_staleness: int = Field(0, ge=0, description="oldest weight version a batch may come from (0 = on-policy)")
+    max_staleness: int = Field(0, ge=0, description="how many versions behind the learner a batch may be (0 = on-policy)")
+    dashboard: bool = Field(True, description="start the Ray dashboard with a new local Ray instance")
 
 
 class LoggingConfig(Section):
     run_dir: Path = Field(Path("runs/default"), description="TensorBoard events, checkpoints, figures")
     image_every: int = Field(10, ge=1, description="iterations between image grids")
     checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
+    eval_reports: int = Field(32, ge=1, description="held-out reports in the start and end evaluation")
+    eval_seed: int = Field(1234, description="noise seed of the evaluation samples (same for every run)")
 
 
 # ---------------------------------------------------------------------- experiment

@@ -10,12 +10,27 @@ the LoRA adapter disabled and no ACE prefix: no second copy of the base model.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 from peft import LoraConfig
 from torch import nn
 
 from radrl.models.diffusion import DiffusionModels
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """One version of the trainable tensors (LoRA + ACE) as the learner broadcasts them."""
+
+    version: int
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
 
 
 class DiffusionPolicy(nn.Module):
@@ -44,6 +59,18 @@ class DiffusionPolicy(nn.Module):
         if self.ace is not None:
             state["ace"] = self.ace.detach()
         return state
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict) -> None:
+        """Copy broadcast LoRA + ACE tensors (numpy or torch, by `trainable_state` name) into the policy."""
+        own = dict(self.named_parameters())
+        expected = set(self.trainable_state())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"trainable state does not match this policy (LoRA rank/targets or ACE tokens differ?): "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, value in state.items():
+            own[name].copy_(torch.as_tensor(value))
 
     @contextmanager
     def anchor(self):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +21,24 @@ class DiffusionTrajectory:
     log_probs: torch.Tensor  # [B, T] log p(x_{t−1} | x_t, c), mean over C, H, W
     images: torch.Tensor  # [B, 1, H, W] in [0, 1]
     weight_version: int
+
+    def to(self, device) -> DiffusionTrajectory:
+        """The same trajectory with its tensors on `device`."""
+        return replace(self, latents=self.latents.to(device), timesteps=self.timesteps.to(device),
+                       prev_timesteps=self.prev_timesteps.to(device), log_probs=self.log_probs.to(device),
+                       images=self.images.to(device))
+
+
+def concat_trajectories(trajectories: list[DiffusionTrajectory]) -> DiffusionTrajectory:
+    """One batch from several sampled with the same steps and weight version."""
+    first = trajectories[0]
+    for other in trajectories[1:]:
+        if other.weight_version != first.weight_version or not torch.equal(other.timesteps, first.timesteps):
+            raise ValueError("cannot merge trajectories of different weight versions or timestep schedules")
+    return replace(first, reports=sum((t.reports for t in trajectories), ()),
+                   latents=torch.cat([t.latents for t in trajectories]),
+                   log_probs=torch.cat([t.log_probs for t in trajectories]),
+                   images=torch.cat([t.images for t in trajectories]))
 
 
 def text_conditions(policy: DiffusionPolicy, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,11 +70,14 @@ def sample_trajectories(policy: DiffusionPolicy, reports: list[str], num_steps: 
 
 
 def step_log_prob(policy: DiffusionPolicy, trajectory: DiffusionTrajectory, step: int, cond: torch.Tensor,
-                  uncond: torch.Tensor, eta: float, guidance_scale: float) -> torch.Tensor:
-    """log p_θ of the recorded transition `step` under the current weights (differentiable) → [B]."""
-    x_t = trajectory.latents[:, step]
+                  uncond: torch.Tensor, eta: float, guidance_scale: float,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_θ of the recorded transition `step` (of the chains in `index`, default all) under the
+    current weights, differentiable → [B]."""
+    latents = trajectory.latents if index is None else trajectory.latents[index]
+    x_t = latents[:, step]
     t, prev_t = trajectory.timesteps[step], trajectory.prev_timesteps[step]
     eps = policy.predict_noise(x_t, t, cond, uncond, guidance_scale)
     _, log_prob = ddim_step_with_logprob(policy.models.scheduler, eps, t, prev_t, x_t, eta,
-                                         prev_sample=trajectory.latents[:, step + 1])
+                                         prev_sample=latents[:, step + 1])
     return log_prob

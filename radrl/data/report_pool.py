@@ -1,0 +1,40 @@
+"""The report texts a CXRL run conditions on: a training pool and a held-out pool."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from radrl.config import DataConfig
+
+
+def report_pool(cfg: DataConfig, split: str) -> list[str]:
+    """Report texts of `split` ('train' or 'test'): IU reports for the embedded world, MIMIC impressions else.
+
+    At most data.n_train / data.n_test of them, drawn with a fixed seed, empty ones dropped.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    limit = cfg.n_train if split == "train" else cfg.n_test
+    if cfg.source == "mimic_cxr":
+        from radrl.data.image_datasets import load_mimic_cxr
+
+        records = load_mimic_cxr(cfg.mimic_root, reports_root=cfg.mimic_reports_root, max_tokens=cfg.max_tokens,
+                                 n_train=cfg.n_train if split == "train" else 0,
+                                 n_test=cfg.n_test if split == "test" else 0)[split]
+        texts = [r.report for r in records]
+    else:
+        from radrl.data.iu_reports import iu_split
+
+        texts = [r.text for r in iu_split(split)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"no non-empty {split} reports in data source {cfg.source!r}; check the data paths")
+    order = np.random.default_rng(0).permutation(len(texts))[:limit]
+    return [texts[i] for i in sorted(order)]
+
+
+def iteration_reports(pool: list[str], count: int, seed: int, iteration: int) -> list[str]:
+    """The `count` reports of one iteration: a function of (seed, iteration) only, so a resumed
+    run draws exactly what the uninterrupted run would have."""
+    rng = np.random.default_rng([seed, iteration])
+    return [pool[i] for i in rng.choice(len(pool), size=count, replace=count > len(pool))]

@@ -1,0 +1,128 @@
+"""The CXRL learner: owns LoRA + ACE and their optimizer, runs DDPO updates, publishes weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from radrl.config import ExperimentConfig
+from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, ddpo_loss
+from radrl.models.diffusion_policy import PublishedWeights
+from radrl.rollout.sampler import DiffusionTrajectory, concat_trajectories, step_log_prob, text_conditions
+from radrl.rollout.worker import build_policy, device_for
+
+
+class DDPOLearner:
+    """DDPO on the diffusion policy: advantages from rewards, then clipped per-timestep updates."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.device = device_for(cfg.learner.resources.num_gpus)
+        self.policy = build_policy(cfg, self.device)
+        learner = cfg.learner
+        groups = [{"params": self.policy.lora_parameters(), "lr": learner.lr}]
+        if self.policy.ace is not None:
+            groups.append({"params": [self.policy.ace], "lr": learner.ace_lr or learner.lr})
+        self.optimizer = torch.optim.AdamW(groups, betas=learner.adam_betas, weight_decay=learner.weight_decay,
+                                           eps=learner.adam_eps)
+        self.tracker = PerPromptStatTracker(learner.stat_buffer_size, learner.stat_min_count)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch and timestep order
+        self.version = 0
+
+    def publish(self) -> PublishedWeights:
+        """This version's LoRA + ACE tensors as numpy: everything a rollout worker needs, nothing more."""
+        return PublishedWeights(self.version, {name: t.cpu().numpy().copy()
+                                               for name, t in self.policy.trainable_state().items()})
+
+    def advantages(self, reports: tuple[str, ...], rewards: np.ndarray) -> torch.Tensor:
+        """Normalised advantages [B]: per report (stat tracker) or over the batch."""
+        if self.cfg.learner.per_prompt_stats:
+            return torch.as_tensor(self.tracker.advantages(list(reports), rewards), dtype=torch.float32)
+        return torch.as_tensor(batch_advantages(rewards), dtype=torch.float32)
+
+    def update(self, rewards: np.ndarray, *trajectories: DiffusionTrajectory) -> dict[str, float]:
+        """One DDPO round on this iteration's trajectories (rewards in the same order); bumps the version.
+
+        For each inner epoch the batch is shuffled into minibatches of `learner.batch_size`; each
+        minibatch trains on a random `timestep_fraction` of the denoising steps, accumulating the
+        gradient over those steps before one clipped AdamW step.
+        """
+        batch = concat_trajectories(list(trajectories)).to(self.device)
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if rewards.shape != (len(batch.reports),):
+            raise ValueError(f"{rewards.shape[0]} rewards for {len(batch.reports)} trajectories")
+        behind = self.version - batch.weight_version
+        if not 0 <= behind <= self.cfg.orchestration.max_staleness:
+            raise ValueError(f"trajectories of weight version {batch.weight_version} given to the learner at version "
+                             f"{self.version} (orchestration.max_staleness = {self.cfg.orchestration.max_staleness})")
+        advantages = self.advantages(batch.reports, rewards).to(self.device)
+        learner, rollout = self.cfg.learner, self.cfg.rollout
+        num_steps = batch.timesteps.shape[0]
+        steps_trained = max(1, int(num_steps * learner.timestep_fraction))
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+        for _ in range(learner.inner_epochs):
+            order = torch.randperm(len(batch.reports), generator=self.generator)
+            for start in range(0, len(order), learner.batch_size):
+                index = order[start:start + learner.batch_size]
+                reports = [batch.reports[i] for i in index]
+                cond, uncond = text_conditions(self.policy, reports)
+                steps = torch.randperm(num_steps, generator=self.generator)[:steps_trained]
+                self.optimizer.zero_grad(set_to_none=True)
+                for step in steps.tolist():
+                    log_prob = step_log_prob(self.policy, batch, step, cond, uncond, rollout.eta,
+                                             rollout.guidance_scale, index=index.to(self.device))
+                    loss, info = ddpo_loss(log_prob, batch.log_probs[index, step], advantages[index],
+                                           learner.clip_range, learner.adv_clip_max)
+                    (loss / steps_trained).backward()  # gradient accumulated over the trained timesteps
+                    stats["loss"].append(float(loss.detach()))
+                    stats["approx_kl"].append(info["approx_kl"])
+                    stats["clipfrac"].append(info["clipfrac"])
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), learner.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(f"DDPO gradient norm is {float(grad_norm)} at weight version "
+                                             f"{self.version}; lower learner.lr (weights were not changed)")
+                self.optimizer.step()
+                stats["grad_norm"].append(float(grad_norm))
+        self.version += 1
+        metrics = {key: float(np.mean(values)) for key, values in stats.items()}
+        metrics.update(advantage_abs=float(advantages.abs().mean()), weight_version=self.version)
+        return metrics
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """LoRA matrices and ACE tokens: the only tensors an update may change."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able) of everything a resumed run needs: weights, optimizer, RNG, stat buffers."""
+        # Copies: the live tensors change in place with the next update.
+        tensors = {f"policy/{name}": t.detach().cpu().clone() for name, t in self.policy.trainable_state().items()}
+        optimizer = self.optimizer.state_dict()
+        for index, slots in optimizer["state"].items():
+            for slot, value in slots.items():
+                tensors[f"optimizer/{index}/{slot}"] = torch.as_tensor(value).detach().cpu().clone()
+        tensors["rng/generator"] = self.generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        meta = {
+            "weight_version": self.version,
+            "optimizer_param_groups": optimizer["param_groups"],
+            "stat_buffers": {report: list(buffer) for report, buffer in self.tracker.buffers.items()},
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore what `state` returned."""
+        self.policy.load_trainable_state({k.removeprefix("policy/"): v for k, v in tensors.items()
+                                          if k.startswith("policy/")})
+        optimizer_state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, slot = key.split("/")
+                optimizer_state.setdefault(int(index), {})[slot] = value.to(self.device) if value.dim() else value
+        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": meta["optimizer_param_groups"]})
+        self.generator.set_state(tensors["rng/generator"])
+        torch.set_rng_state(tensors["rng/torch"])
+        for report, values in meta["stat_buffers"].items():
+            self.tracker.buffers[report].extend(values)
+        self.version = meta["weight_version"]

@@ -1,0 +1,126 @@
+"""Where Ray comes in: the roles as named actors, placed and sized from the config.
+
+The roles are the plain classes (`RolloutWorker`, `RewardScorer`, `DDPOLearner`); this module
+only wraps them with `ray.remote`. The learner sits in its own placement group; rollout
+workers and reward actors are scheduled outside it, so their number can change from run to
+run (`--num-rollout-workers`) without touching the learner's reservation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from radrl.config import ExperimentConfig, Resources
+from radrl.learner.ddpo_learner import DDPOLearner
+from radrl.orchestration.handles import LocalCluster, LocalHandle
+from radrl.reward_actors.scorer import RewardScorer
+from radrl.rollout.worker import RolloutWorker
+
+REWARD_NAMES = ("align", "diag", "consist")  # every reward model runs (λ = 0 ones for evaluation only)
+
+
+@dataclass
+class Roles:
+    """Handles to every role and the cluster they run on."""
+
+    cluster: object  # LocalCluster or RayCluster: get / put / record / shutdown
+    workers: list
+    rewards: dict[str, list]  # reward name → replica handles
+    learner: object
+
+
+def start_roles(cfg: ExperimentConfig) -> Roles:
+    """Start every role in-process (orchestration.local) or as Ray actors."""
+    if cfg.orchestration.local:
+        return Roles(
+            cluster=LocalCluster(),
+            workers=[LocalHandle(RolloutWorker(cfg, i)) for i in range(cfg.rollout.num_workers)],
+            rewards={name: [LocalHandle(RewardScorer(cfg, name)) for _ in range(cfg.rewards.replicas)]
+                     for name in REWARD_NAMES},
+            learner=LocalHandle(DDPOLearner(cfg)),
+        )
+    return _start_ray_roles(cfg)
+
+
+def _options(resources: Resources, name: str) -> dict:
+    # OMP_NUM_THREADS: torch in each actor uses the cores it was given, not every core on the node.
+    threads = str(max(1, int(resources.num_cpus)))
+    return dict(name=name, num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+
+
+def _start_ray_roles(cfg: ExperimentConfig) -> Roles:
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    cluster = RayCluster(cfg)
+    learner_res = cfg.learner.resources
+    bundle = {k: v for k, v in {"CPU": learner_res.num_cpus, "GPU": learner_res.num_gpus}.items() if v > 0}
+    group = placement_group([bundle or {"CPU": 0.01}], name="radrl-learner")
+    ray.get(group.ready(), timeout=300)
+    learner = ray.remote(DDPOLearner).options(
+        **_options(learner_res, "radrl-learner"),
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+    ).remote(cfg)
+    workers = [ray.remote(RolloutWorker).options(**_options(cfg.rollout.resources, f"radrl-rollout-{i}")).remote(cfg, i)
+               for i in range(cfg.rollout.num_workers)]
+    rewards = {name: [ray.remote(RewardScorer).options(**_options(cfg.rewards.resources, f"radrl-reward-{name}-{r}"))
+                      .remote(cfg, name) for r in range(cfg.rewards.replicas)]
+               for name in REWARD_NAMES}
+    cluster.placement_group = group
+    return Roles(cluster, workers, rewards, learner)
+
+
+class RayCluster:
+    """A connection to Ray (a new local instance, or `orchestration.address`) plus the run's Ray metrics."""
+
+    name = "ray"
+
+    def __init__(self, cfg: ExperimentConfig):
+        import ray
+        from ray.util import metrics
+
+        self.ray = ray
+        address = cfg.orchestration.address
+        if address:
+            ray.init(address=address, namespace="radrl", log_to_driver=True)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, required_cpus(cfg)), namespace="radrl",
+                     include_dashboard=cfg.orchestration.dashboard, _node_ip_address="127.0.0.1",
+                     configure_logging=False)
+        self.placement_group = None
+        self.images = metrics.Counter("radrl_images_generated", "policy and anchor images sampled")
+        self.iteration = metrics.Gauge("radrl_iteration", "completed training iterations")
+        self.reward = metrics.Gauge("radrl_reward_total", "mean total reward of the last iteration")
+        self.stage_seconds = metrics.Gauge("radrl_stage_seconds", "seconds per stage of the last iteration",
+                                           tag_keys=("stage",))
+
+    def get(self, refs):
+        return self.ray.get(refs)
+
+    def put(self, value):
+        return self.ray.put(value)
+
+    def record(self, iteration: int, images: int, reward: float, seconds: dict[str, float]) -> None:
+        """Export one iteration's figures as Ray metrics (Ray dashboard / Prometheus)."""
+        self.images.inc(images)
+        self.iteration.set(iteration)
+        self.reward.set(reward)
+        for stage, value in seconds.items():
+            self.stage_seconds.set(value, tags={"stage": stage})
+
+    def shutdown(self) -> None:
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+        self.ray.shutdown()
+
+
+def required_cpus(cfg: ExperimentConfig) -> int:
+    """Logical CPUs the roles ask for: a fresh local Ray gets at least this many so none waits forever."""
+    total = (cfg.learner.resources.num_cpus + cfg.rollout.num_workers * cfg.rollout.resources.num_cpus
+             + len(REWARD_NAMES) * cfg.rewards.replicas * cfg.rewards.resources.num_cpus)
+    return int(-(-total // 1))

@@ -1,0 +1,345 @@
+"""The CXRL driver: one loop that reads like single-process training while the roles run anywhere.
+
+    for each iteration:  1 sample → 2 score → 3 RLCF rewards → 4 DDPO update → 5 broadcast → log → checkpoint
+
+The roles are Ray actors or, with `orchestration.local`, plain objects in this process; the
+code below is the same for both (see handles.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from radrl.config import ExperimentConfig
+from radrl.data.embedded import stable_seed
+from radrl.data.report_pool import iteration_reports, report_pool
+from radrl.orchestration.actors import Roles
+from radrl.orchestration.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from radrl.orchestration.tracking import REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY, TOTAL_KEY, WIN_RATE_KEY, RunTracker
+from radrl.reward_actors.rlcf import COMPONENTS, check_finite, combine, paired_variance_ratio, weights
+
+log = logging.getLogger("radrl")
+
+GRID_REPORTS = 6  # columns of the anchor-vs-policy image grid
+
+
+class StaleRolloutError(RuntimeError):
+    """A rollout was made by weights older than orchestration.max_staleness allows."""
+
+
+class RunFailed(RuntimeError):
+    """Training stopped; the message says what was saved and how to continue."""
+
+
+def check_staleness(versions: list[int], learner_version: int, max_staleness: int) -> None:
+    """Refuse rollouts more than `max_staleness` versions behind the learner (or from the future)."""
+    for version in versions:
+        if not 0 <= learner_version - version <= max_staleness:
+            raise StaleRolloutError(
+                f"a rollout carries weight version {version} but the learner is at {learner_version} "
+                f"(orchestration.max_staleness = {max_staleness}); a worker missed a broadcast")
+
+
+class StageTimer:
+    """Wall seconds per named stage of one iteration."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Direct scores of a set of rollouts: reward name → [B] for policy and (if sampled) anchor images."""
+
+    reports: list[str]
+    policy: dict[str, np.ndarray]
+    anchor: dict[str, np.ndarray] | None
+    seconds: dict[str, float]  # reward name → seconds spent in that reward's actors
+
+
+def direct_total(scores: dict[str, np.ndarray], cfg: ExperimentConfig) -> np.ndarray:
+    """λ-weighted sum of direct scores (the total reward an image would get without RLCF)."""
+    return sum(w * scores[name] for name, w in weights(cfg.rewards).items())
+
+
+def evaluation_summary(scores: Scores, cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
+    """Mean direct score of each component and of the total, for policy and anchor, plus the win rate."""
+    summary = {name: {"policy": float(scores.policy[name].mean()), "anchor": float(scores.anchor[name].mean())}
+               for name in COMPONENTS}
+    policy_total, anchor_total = direct_total(scores.policy, cfg), direct_total(scores.anchor, cfg)
+    summary["total"] = {"policy": float(policy_total.mean()), "anchor": float(anchor_total.mean())}
+    wins = (policy_total > anchor_total) + 0.5 * (policy_total == anchor_total)
+    summary["win_rate"] = {"policy": float(wins.mean()), "anchor": float(1 - wins.mean())}
+    return summary
+
+
+class CXRLTrainer:
+    """Owns the loop and the run folder; the roles own the models."""
+
+    def __init__(self, cfg: ExperimentConfig, roles: Roles, resume: bool = False):
+        self.cfg, self.roles = cfg, roles
+        self.get, self.put = roles.cluster.get, roles.cluster.put
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.train_pool = report_pool(cfg.data, "train")
+        self.eval_reports = report_pool(cfg.data, "test")[:cfg.logging.eval_reports]
+        rollout = cfg.rollout
+        self.per_iteration = rollout.num_workers * rollout.batches_per_iteration * rollout.batch_size
+        self.iteration, self.last_checkpoint, self.start_evaluation = 0, 0, None
+        if resume:
+            self.restore()
+        self.tracker = RunTracker(self.run_dir, purge_step=self.iteration + 1 if resume else None)
+        self.weight_version = self.broadcast()
+
+    # ------------------------------------------------------------------ the loop
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration: sample → score → RLCF rewards → DDPO update → broadcast. Returns its scalars."""
+        cfg, timer, start = self.cfg, StageTimer(), time.perf_counter()
+        reports = iteration_reports(self.train_pool, self.per_iteration, cfg.seed, self.iteration)
+
+        with timer("sample"):  # 1. policy (and anchor) images; trajectories stay in the object store
+            trajectories, rollouts = self.sample(reports, ("train", cfg.seed, self.iteration), with_anchor=cfg.rewards.rlcf)
+        check_staleness([r.weight_version for r in rollouts], self.weight_version, cfg.orchestration.max_staleness)
+
+        with timer("score"):  # 2. every reward actor at once, policy and anchor images in one call each
+            scores = self.score(rollouts)
+
+        rewards, components = combine(scores.policy, scores.anchor, cfg.rewards)  # 3. RLCF
+
+        with timer("update"):  # 4. DDPO on the learner
+            update = self.get(self.roles.learner.update.remote(rewards, *trajectories))
+
+        with timer("broadcast"):  # 5. new LoRA + ACE to every worker
+            self.weight_version = self.broadcast()
+
+        self.iteration += 1
+        return self.iteration_scalars(rollouts, scores, rewards, components, update, timer.seconds,
+                                      time.perf_counter() - start)
+
+    def run(self) -> dict:
+        """Train to learner.iterations (from a resumed checkpoint if any); returns the start/end evaluation."""
+        cfg, stage = self.cfg, "evaluate"
+        try:
+            if self.start_evaluation is None:
+                self.start_evaluation = self.evaluate()
+                log.info("start (held-out, %d reports): %s", len(self.eval_reports), format_brief(self.start_evaluation))
+                self.log_grid()
+            while self.iteration < cfg.learner.iterations:
+                stage = "train"
+                scalars = self.train_step()
+                stage = "log"
+                self.tracker.log_scalars(self.iteration, scalars)
+                self.roles.cluster.record(self.iteration, int(scalars["rollout/images"]), scalars[TOTAL_KEY],
+                                          {k.split("/", 1)[1]: v for k, v in scalars.items() if k.startswith("timing/")})
+                log.info(format_progress(self.iteration, cfg.learner.iterations, scalars))
+                if self.iteration % cfg.logging.image_every == 0:
+                    self.log_grid()
+                if self.iteration % cfg.logging.checkpoint_every == 0:
+                    self.checkpoint()
+            stage = "evaluate"
+            end = self.evaluate()
+        except Exception as error:
+            raise RunFailed(self.failure_message(error, stage)) from error
+        if self.last_checkpoint != self.iteration:
+            self.checkpoint()
+        results = {"iterations": self.iteration, "weight_version": self.weight_version,
+                   "start": self.start_evaluation, "end": end}
+        self.write_results(results)
+        return results
+
+    # ------------------------------------------------------------------ stages
+
+    def sample(self, reports: list[str], seed_parts: tuple, with_anchor: bool):
+        """Split `reports` into batches over the workers → (trajectory refs, rollout images) in report order."""
+        size = self.cfg.rollout.batch_size
+        batches = [reports[i:i + size] for i in range(0, len(reports), size)]
+        workers = self.roles.workers
+        calls = [workers[k % len(workers)].sample.options(num_returns=2).remote(batch, stable_seed(*seed_parts, k),
+                                                                                 with_anchor)
+                 for k, batch in enumerate(batches)]
+        trajectories = [trajectory for trajectory, _ in calls]
+        return trajectories, self.get([rollout for _, rollout in calls])
+
+    def score(self, rollouts) -> Scores:
+        """Direct scores of every reward for every rollout, all reward actors working concurrently."""
+        pending = {name: [replicas[k % len(replicas)].score.remote(rollout) for k, rollout in enumerate(rollouts)]
+                   for name, replicas in self.roles.rewards.items()}
+        scored = {name: self.get(refs) for name, refs in pending.items()}
+        reports = [report for rollout in rollouts for report in rollout.reports]
+        policy = {name: np.concatenate([s.policy for s in results]) for name, results in scored.items()}
+        has_anchor = rollouts[0].anchor_images is not None
+        anchor = {name: np.concatenate([s.anchor for s in results]) for name, results in scored.items()} if has_anchor else None
+        for name in scored:
+            check_finite(name, policy[name], reports)
+            if anchor is not None:
+                check_finite(f"{name} (anchor)", anchor[name], reports)
+        return Scores(reports, policy, anchor, {name: sum(s.seconds for s in results) for name, results in scored.items()})
+
+    def broadcast(self) -> int:
+        """Fetch the learner's newest LoRA + ACE, put them in the object store once, load them on every worker."""
+        published = self.get(self.roles.learner.publish.remote())
+        ref = self.put(published)  # one object; each worker reads the same copy
+        held = self.get([worker.load_weights.remote(ref) for worker in self.roles.workers])
+        if any(version != published.version for version in held):
+            raise RuntimeError(f"workers hold weight versions {held} after broadcasting {published.version}")
+        self.broadcast_bytes = published.nbytes
+        return published.version
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Direct rewards of policy and anchor on the held-out reports, one seeded image each."""
+        _, rollouts = self.sample(self.eval_reports, ("eval", self.cfg.logging.eval_seed), with_anchor=True)
+        return evaluation_summary(self.score(rollouts), self.cfg)
+
+    def log_grid(self) -> None:
+        """Anchor vs policy for the first held-out reports, always the same noise: how the policy drifts."""
+        reports = self.eval_reports[:GRID_REPORTS]
+        _, rollouts = self.sample(reports, ("eval", self.cfg.logging.eval_seed), with_anchor=True)
+        import torch
+
+        anchor = torch.cat([r.anchor_images for r in rollouts])
+        policy = torch.cat([r.policy_images for r in rollouts])
+        self.tracker.log_image_grid(self.iteration, reports, anchor, policy)
+
+    def iteration_scalars(self, rollouts, scores: Scores, rewards, components, update, seconds, wall) -> dict:
+        """Everything logged for one iteration, under namespaced keys."""
+        scalars = {TOTAL_KEY: float(rewards.mean())}
+        for name in COMPONENTS:
+            scalars[REWARD_KEY.format(name=name, who="policy")] = float(scores.policy[name].mean())
+            if scores.anchor is not None:
+                scalars[REWARD_KEY.format(name=name, who="anchor")] = float(scores.anchor[name].mean())
+                if self.cfg.rollout.share_noise_with_anchor or name != "align":
+                    scalars[f"rlcf/paired_variance_ratio/{name}"] = paired_variance_ratio(scores.policy[name],
+                                                                                          scores.anchor[name])
+        for name, values in components.items():
+            scalars[REWARD_KEY.format(name=name, who="rlcf")] = float(values.mean())
+        if scores.anchor is not None:
+            policy_total, anchor_total = direct_total(scores.policy, self.cfg), direct_total(scores.anchor, self.cfg)
+            scalars[WIN_RATE_KEY] = float(((policy_total > anchor_total) + 0.5 * (policy_total == anchor_total)).mean())
+        scalars.update({"loss/policy": update["loss"], "ddpo/approx_kl": update["approx_kl"],
+                        "ddpo/clipfrac": update["clipfrac"], "ddpo/grad_norm": update["grad_norm"],
+                        "ddpo/advantage_abs": update["advantage_abs"]})
+        images = sum(len(r.reports) * (2 if r.anchor_images is not None else 1) for r in rollouts)
+        scalars["rollout/images"] = float(images)
+        scalars[THROUGHPUT_KEY] = images / wall
+        scalars["broadcast/bytes"] = float(self.broadcast_bytes)
+        for stage, value in seconds.items():
+            scalars[TIMING_KEY.format(stage=stage)] = value
+        for name, value in scores.seconds.items():
+            scalars[TIMING_KEY.format(stage=f"reward_{name}")] = value
+        for who in ("policy", "anchor"):
+            spent = sum(r.seconds.get(who, 0.0) for r in rollouts)
+            if spent:
+                scalars[TIMING_KEY.format(stage=f"rollout_{who}")] = spent
+        scalars["timing/iteration"] = wall
+        return scalars
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> Path:
+        tensors, learner_state = self.get(self.roles.learner.state.remote())
+        state = {"iteration": self.iteration, "weight_version": self.weight_version, "learner": learner_state,
+                 "start_evaluation": self.start_evaluation, "config": self.cfg.model_dump(mode="json")}
+        folder = save_checkpoint(self.run_dir, self.iteration, tensors, state)
+        self.last_checkpoint = self.iteration
+        return folder
+
+    def restore(self) -> None:
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; "
+                                    "start without --resume (or point logging.run_dir at the run to continue)")
+        tensors, state = load_checkpoint(folder)
+        check_resumable(state["config"], self.cfg.model_dump(mode="json"))
+        self.get(self.roles.learner.load_state.remote(tensors, state["learner"]))
+        self.iteration = self.last_checkpoint = state["iteration"]
+        self.start_evaluation = state["start_evaluation"]
+        log.info("resumed from %s (iteration %d, weight version %d)", folder, self.iteration, state["weight_version"])
+
+    def failure_message(self, error: Exception, stage: str) -> str:
+        saved = ""
+        if stage != "train" and self.iteration > self.last_checkpoint:
+            try:  # the learner's state is whole between iterations: keep the progress
+                saved = f"; saved iteration {self.iteration} to {self.checkpoint()}"
+            except Exception as again:  # the learner itself may be what died
+                saved = f"; could not save a checkpoint ({type(again).__name__})"
+        latest = latest_checkpoint(self.run_dir)
+        resume = f"rerun with --resume to continue from {latest.name}" if latest else "no checkpoint was written yet"
+        return (f"training stopped at iteration {self.iteration} during {stage}: {type(error).__name__}: {error}"
+                f"{saved}. Fix the cause, then {resume}.")
+
+    # ------------------------------------------------------------------ results
+
+    def write_results(self, results: dict) -> None:
+        import json
+
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        (self.run_dir / "results.md").write_text(format_results_table(results) + "\n")
+        self.tracker.write_reward_curves()
+        self.tracker.close()
+
+
+# Settings a resumed run may change: where and how big it runs, not what it learns.
+RESUMABLE_CHANGES = ("learner.iterations", "orchestration.", "logging.", "rollout.num_workers", ".resources.",
+                     "rewards.replicas")
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume under a config that changes what is being trained."""
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    old, new = dict(flat(saved)), dict(flat(current))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+               and not any(k.startswith(p) or p in k for p in RESUMABLE_CHANGES)]
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:5])
+        raise ValueError(f"--resume: the config differs from the checkpoint's in what is trained ({details}); "
+                         "resume with the original config or start a new run_dir")
+
+
+def format_brief(summary: dict) -> str:
+    return "  ".join(f"{name} {v['policy']:+.3f}/{v['anchor']:+.3f}" for name, v in summary.items()) + "  (policy/anchor)"
+
+
+def format_progress(iteration: int, total: int, scalars: dict) -> str:
+    parts = [f"iter {iteration:>4}/{total}", f"reward {scalars[TOTAL_KEY]:+.4f}"]
+    parts += [f"{name} {scalars[REWARD_KEY.format(name=name, who='rlcf')]:+.4f}" for name in COMPONENTS
+              if REWARD_KEY.format(name=name, who="rlcf") in scalars]
+    if WIN_RATE_KEY in scalars:
+        parts.append(f"win {scalars[WIN_RATE_KEY]:.2f}")
+    parts += [f"kl {scalars['ddpo/approx_kl']:.1e}", f"{scalars[THROUGHPUT_KEY]:.1f} img/s",
+              f"{scalars['timing/iteration']:.1f} s"]
+    return "  ".join(parts)
+
+
+def format_results_table(results: dict) -> str:
+    """Markdown: each reward component for policy and anchor at the start and the end (held-out reports)."""
+    lines = ["| held-out (direct scores) | anchor | policy, start | policy, end | end: policy − anchor |",
+             "|---|---|---|---|---|"]
+    start, end = results["start"], results["end"]
+    labels = {"align": "r_align", "diag": "diagnostic accuracy", "consist": "CLIP cosine",
+              "total": "total (λ-weighted)"}
+    for key, label in labels.items():
+        anchor = end[key]["anchor"]
+        lines.append(f"| {label} | {anchor:.4f} | {start[key]['policy']:.4f} | {end[key]['policy']:.4f} | "
+                     f"{end[key]['policy'] - anchor:+.4f} |")
+    lines.append(f"| win rate vs anchor (total) | | {start['win_rate']['policy']:.3f} | {end['win_rate']['policy']:.3f} | |")
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Start the roles, run the driver, stop the roles: what `radrl train` does."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from radrl.config import ExperimentConfig
+from radrl.orchestration.actors import start_roles
+from radrl.orchestration.driver import CXRLTrainer, RunFailed, format_results_table
+
+log = logging.getLogger("radrl")
+
+
+def run_training(cfg: ExperimentConfig, resume: bool = False) -> str:
+    """Train a CXRL config end to end; returns the start-vs-end results table (Markdown)."""
+    start = time.perf_counter()
+    mode = "in-process" if cfg.orchestration.local else f"Ray ({cfg.orchestration.address or 'new local instance'})"
+    log.info("radrl train: %s, %d rollout worker(s), %d iterations × %d images, run folder %s",
+             mode, cfg.rollout.num_workers, cfg.learner.iterations,
+             cfg.rollout.num_workers * cfg.rollout.batches_per_iteration * cfg.rollout.batch_size, cfg.logging.run_dir)
+    roles = start_roles(cfg)
+    try:
+        trainer = CXRLTrainer(cfg, roles, resume=resume)
+        log.info("roles ready in %.0f s", time.perf_counter() - start)
+        results = trainer.run()
+    except RunFailed as error:
+        log.error("%s", error)
+        raise
+    finally:
+        roles.cluster.shutdown()
+    table = format_results_table(results)
+    log.info("done in %.0f s; results, curves and grids in %s", time.perf_counter() - start, cfg.logging.run_dir)
+    return table

@@ -1,0 +1,99 @@
+"""What a person watches: TensorBoard scalars and image grids, a JSONL history, PNG figures."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+# Metric keys: one namespace per kind, '<kind>/<name>[/<who>]'.
+REWARD_KEY = "reward/{name}/{who}"  # who = policy | anchor | rlcf
+TOTAL_KEY = "reward/total"
+WIN_RATE_KEY = "reward/win_rate_vs_anchor"
+TIMING_KEY = "timing/{stage}"
+THROUGHPUT_KEY = "throughput/images_per_s"
+
+
+class RunTracker:
+    """TensorBoard writer plus a metrics.jsonl file in the run folder, and the run's figures."""
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step: a resumed run drops events logged after its checkpoint, so curves do not fork.
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+        self.history_path = self.run_dir / "metrics.jsonl"
+        if purge_step is not None and self.history_path.is_file():
+            kept = [line for line in self.history_path.read_text().splitlines()
+                    if line and json.loads(line)["iteration"] < purge_step]
+            self.history_path.write_text("".join(line + "\n" for line in kept))
+
+    def log_scalars(self, iteration: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, iteration)
+        with self.history_path.open("a") as f:
+            f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
+
+    def history(self) -> list[dict]:
+        if not self.history_path.is_file():
+            return []
+        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line]
+
+    def log_image_grid(self, iteration: int, reports: list[str], anchor: torch.Tensor, policy: torch.Tensor) -> Path:
+        """Anchor (top) vs policy (bottom) for the same reports and noise, titled with the report text."""
+        figure = image_grid_figure(reports, anchor, policy, f"iteration {iteration}: anchor (top) vs policy (bottom)")
+        self.writer.add_figure("samples/anchor_vs_policy", figure, iteration, close=False)
+        path = self.run_dir / "grids" / f"iter_{iteration:06d}.png"
+        path.parent.mkdir(exist_ok=True)
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path
+
+    def write_reward_curves(self) -> Path:
+        """reward_curves.png: total reward and each RLCF component per iteration."""
+        history = self.history()
+        path = self.run_dir / "reward_curves.png"
+        keys = [k for k in (TOTAL_KEY, *(REWARD_KEY.format(name=n, who="rlcf") for n in ("align", "diag", "consist")))
+                if history and k in history[0]]
+        figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+        steps = [h["iteration"] for h in history]
+        for ax, key in zip(axes[0], keys):
+            values = np.array([h[key] for h in history])
+            ax.plot(steps, values, lw=0.8, alpha=0.5)
+            window = max(1, len(values) // 8)
+            ax.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"), lw=2)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("iteration")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def image_grid_figure(reports: list[str], anchor: torch.Tensor, policy: torch.Tensor, title: str):
+    """A 2 × n grid of grayscale images with wrapped report text above each column."""
+    n = len(reports)
+    figure, axes = plt.subplots(2, n, figsize=(1.9 * n, 5.2), squeeze=False)
+    for column, report in enumerate(reports):
+        for row, images in enumerate((anchor, policy)):
+            ax = axes[row][column]
+            ax.imshow(images[column, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][column].set_title(textwrap.fill(textwrap.shorten(report, 120), 28), fontsize=5.5, loc="left")
+    axes[0][0].set_ylabel("anchor")
+    axes[1][0].set_ylabel("policy")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,132 @@
+"""CXRL's three reward models, each behind the one reward contract.
+
+    reward = Reward(cfg, device)                   # heavy setup once: the frozen model
+    scores, info = reward(images, reports, metadata)   # images [B, 1, H, W] in [0, 1] → scores [B]
+
+Each returns the *direct* score of an image (r_align, diagnostic accuracy, image–report cosine).
+Turning direct scores into CXRL's comparative rewards against the anchor is `rlcf.combine`'s job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from radrl.config import ModelsConfig
+from radrl.data.labeler import label_reports
+from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
+from radrl.models.classifier import PAPER_CLASSES, build_classifier
+from radrl.models.clip import ImageReportClip, build_clip
+from radrl.models.posture import build_posture, r_align
+
+
+def _check_images(images: torch.Tensor, reports: list[str], reward: str) -> None:
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"{reward}: expected grayscale images [B, 1, H, W], got shape {tuple(images.shape)}")
+    if len(reports) != images.shape[0]:
+        raise ValueError(f"{reward}: {images.shape[0]} images but {len(reports)} reports; pass one report per image")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{reward}: images contain NaN or inf; the sampler diverged (lower the learning rate)")
+
+
+class PostureReward:
+    """r_align(ψ) of each image, ψ from the frozen posture regressor (not comparative)."""
+
+    name = "align"
+
+    def __init__(self, models: ModelsConfig, device: str = "cpu"):
+        self.model = build_posture(models.posture).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, reports: list[str], metadata: dict | None = None):
+        _check_images(images, reports, self.name)
+        posture = self.model(images.to(self.device)).cpu()
+        scores = r_align(posture).numpy()
+        return scores, {"posture": posture.numpy()}
+
+
+def report_targets(reports: list[str], class_names: tuple[str, ...]) -> np.ndarray:
+    """Per-image targets for the classifier's classes from the labeler: 1, 0, or NaN (not scored).
+
+    POSITIVE → 1. NEGATIVE and NOT_MENTIONED → 0: a radiology report lists what it sees, so an
+    observation it does not mention is taken as absent (CheXpert's blank-as-negative convention
+    for evaluation). UNCERTAIN ("may represent", "cannot exclude") → not scored: the report does
+    not say which answer is right.
+    """
+    labels = label_reports(reports)  # [B, 14] Label values
+    columns = [CHEXPERT_OBSERVATIONS.index(name) for name in class_names]
+    chosen = labels[:, columns]
+    targets = (chosen == Label.POSITIVE).astype(np.float64)
+    targets[chosen == Label.UNCERTAIN] = np.nan
+    return targets
+
+
+def diagnostic_accuracy(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """accuracy(G(x)): share of scored classes where (p ≥ 0.5) equals the report's target, [B, C] → [B].
+
+    Classes with a NaN target are left out; an image with no scored class gets accuracy 0 (it
+    cannot happen with the paper's 11 classes unless all 11 are uncertain).
+    """
+    scored = ~np.isnan(targets)
+    correct = ((probabilities >= 0.5) == (targets == 1)) & scored
+    counts = scored.sum(axis=1)
+    return np.where(counts > 0, correct.sum(axis=1) / np.maximum(counts, 1), 0.0)
+
+
+class DiagnosisReward:
+    """Diagnostic accuracy of the frozen torchxrayvision classifier G against the report's labels.
+
+    Scores the paper's 11 classes where the classifier has them (all 11 for the tiny and the
+    densenet121-res224-all models).
+    """
+
+    name = "diag"
+
+    def __init__(self, models: ModelsConfig, device: str = "cpu"):
+        self.model = build_classifier(models.classifier).to(device).eval()
+        self.device = device
+        names = self.model.chexpert_names()
+        self.columns = [i for i, target in enumerate(self.model.targets) if target in PAPER_CLASSES]
+        self.class_names = tuple(names[i] for i in self.columns)
+        if not self.columns:
+            raise ValueError(f"models.classifier: none of its targets {self.model.targets} is one of CXRL's classes "
+                             f"{PAPER_CLASSES}; use a torchxrayvision model trained on those")
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, reports: list[str], metadata: dict | None = None):
+        _check_images(images, reports, self.name)
+        probabilities = torch.sigmoid(self.model(images.to(self.device))).cpu().numpy()[:, self.columns]
+        targets = report_targets(reports, self.class_names)
+        scores = diagnostic_accuracy(probabilities, targets)
+        return scores, {"probabilities": probabilities, "scored_classes": (~np.isnan(targets)).sum(axis=1)}
+
+
+class ConsistencyReward:
+    """cos(F_v(x), F_t(y)): how well an image matches its report in the frozen CLIP's space."""
+
+    name = "consist"
+
+    def __init__(self, models: ModelsConfig, device: str = "cpu"):
+        self.model: ImageReportClip = build_clip(models.clip).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, reports: list[str], metadata: dict | None = None):
+        _check_images(images, reports, self.name)
+        if any(not report.strip() for report in reports):
+            raise ValueError("consist: an empty report cannot be scored; drop empty reports from the data")
+        image_features = self.model.encode_images(images.to(self.device))
+        text_features = self.model.encode_reports(list(reports))
+        scores = (image_features * text_features).sum(dim=-1).cpu().numpy()
+        return scores.astype(np.float64), {}
+
+
+REWARDS = {cls.name: cls for cls in (PostureReward, DiagnosisReward, ConsistencyReward)}
+
+
+def build_reward(name: str, models: ModelsConfig, device: str = "cpu"):
+    """The reward model called `name` ('align', 'diag' or 'consist')."""
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
+    return REWARDS[name](models, device)

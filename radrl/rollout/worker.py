@@ -1,0 +1,90 @@
+"""The rollout worker: holds the policy (and, with adapters off, the anchor) and only generates."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from radrl.config import ExperimentConfig
+from radrl.models.diffusion import build_diffusion
+from radrl.models.diffusion_policy import DiffusionPolicy, PublishedWeights
+from radrl.rollout.sampler import DiffusionTrajectory, sample_trajectories
+
+
+@dataclass(frozen=True)
+class RolloutImages:
+    """What the reward actors and the driver see of one rollout batch (small: no latents)."""
+
+    reports: tuple[str, ...]
+    policy_images: torch.Tensor  # [B, 1, H, W] in [0, 1]
+    anchor_images: torch.Tensor | None  # [B, 1, H, W], None when the anchor was not sampled
+    weight_version: int
+    seconds: dict[str, float]  # wall time of the policy and the anchor sampling
+
+
+def device_for(num_gpus: float) -> str:
+    """'cuda' for an actor that was given (part of) a GPU, else 'cpu'."""
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def build_policy(cfg: ExperimentConfig, device: str) -> DiffusionPolicy:
+    """The generator of the config with LoRA + ACE added (seeded: every copy starts identical)."""
+    torch.manual_seed(cfg.seed)
+    models = build_diffusion(cfg.models.diffusion, cfg.data.image_size)
+    learner = cfg.learner
+    policy = DiffusionPolicy(models, learner.lora_rank, learner.lora_alpha, learner.lora_targets, learner.ace_tokens)
+    models.text_encoder.to(device)
+    if models.vae is not None:
+        models.vae.to(device)
+    return policy.to(device).eval()
+
+
+class RolloutWorker:
+    """Samples DDIM trajectories of the current policy, and anchor images for the same reports."""
+
+    def __init__(self, cfg: ExperimentConfig, index: int = 0):
+        self.cfg, self.index = cfg, index
+        self.device = device_for(cfg.rollout.resources.num_gpus)
+        self.policy = build_policy(cfg, self.device)
+        self.weight_version = -1  # nothing loaded yet: the learner's version 0 comes first
+
+    def load_weights(self, weights: PublishedWeights) -> int:
+        """Install one version of the learner's LoRA + ACE tensors; returns the version now held."""
+        self.policy.load_trainable_state(weights.tensors)
+        self.weight_version = weights.version
+        return weights.version
+
+    def sample(self, reports: list[str], seed: int, with_anchor: bool) -> tuple[DiffusionTrajectory, RolloutImages]:
+        """One trajectory per report from the policy, plus the anchor's image of each report if asked.
+
+        With `rollout.share_noise_with_anchor` the anchor starts from the same x_T and draws the
+        same per-step noise, so policy and anchor differ only by the weights (a paired comparison).
+        """
+        if self.weight_version < 0:
+            raise RuntimeError(f"rollout worker {self.index}: no weights loaded; the driver must broadcast first")
+        rollout = self.cfg.rollout
+        shape = (len(reports), *self.policy.models.latent_shape)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+
+        def run(initial_noise: torch.Tensor, step_seed: int) -> DiffusionTrajectory:
+            generator = torch.Generator(self.device).manual_seed(step_seed)
+            return sample_trajectories(self.policy, list(reports), rollout.num_steps, rollout.eta,
+                                       rollout.guidance_scale, initial_noise, self.weight_version, generator)
+
+        start = time.perf_counter()
+        trajectory = run(noise, seed + 1)
+        seconds = {"policy": time.perf_counter() - start}
+        anchor_images = None
+        if with_anchor:
+            start = time.perf_counter()
+            if not rollout.share_noise_with_anchor:
+                noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2)).to(self.device)
+            with self.policy.anchor():
+                anchor_images = run(noise, seed + 1 if rollout.share_noise_with_anchor else seed + 3).images
+            seconds["anchor"] = time.perf_counter() - start
+        trajectory = trajectory.to("cpu")
+        view = RolloutImages(tuple(reports), trajectory.images, None if anchor_images is None else anchor_images.cpu(),
+                             self.weight_version, seconds)
+        return trajectory, view

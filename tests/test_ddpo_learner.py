@@ -1,0 +1,89 @@
+"""The DDPO learner: only LoRA + ACE change, versions count updates, stale data is refused, state round-trips."""
+
+import numpy as np
+import pytest
+import torch
+
+from radrl.config import load_config
+from radrl.learner.ddpo_learner import DDPOLearner
+from radrl.rollout.worker import RolloutWorker
+
+REPORTS = ["Heart size is enlarged. Small right pleural effusion.", "No acute cardiopulmonary abnormality.",
+           "Left lower lobe consolidation.", "Small right pneumothorax."]
+
+
+def tiny_config(**overrides):
+    base = {"rollout.num_steps": 3, "rollout.batch_size": 4, "learner.batch_size": 2, "learner.ace_lr": 1e-2,
+            "learner.stat_buffer_size": 4, "learner.stat_min_count": 2, "learner.timestep_fraction": 0.67}
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def sampled_batch(cfg, learner):
+    worker = RolloutWorker(cfg)
+    worker.load_weights(learner.publish())
+    trajectory, _ = worker.sample(REPORTS, seed=0, with_anchor=False)
+    return trajectory
+
+
+def test_update_changes_lora_and_ace_and_nothing_else():
+    cfg = tiny_config()
+    learner = DDPOLearner(cfg)
+    trajectory = sampled_batch(cfg, learner)
+    before = {name: p.detach().clone() for name, p in learner.policy.named_parameters()}
+    buffers = {name: b.clone() for name, b in learner.policy.named_buffers()}
+    metrics = learner.update(np.array([1.0, -1.0, 0.5, -0.5]), trajectory)
+    changed = {name for name, p in learner.policy.named_parameters() if not torch.equal(p, before[name])}
+    assert "ace" in changed and any("lora_" in name for name in changed)
+    assert all(name == "ace" or "lora_" in name for name in changed)
+    for name, p in learner.policy.named_parameters():  # every frozen tensor bit-identical
+        if name != "ace" and "lora_" not in name:
+            assert torch.equal(p, before[name]), name
+    assert all(torch.equal(b, buffers[name]) for name, b in learner.policy.named_buffers())
+    assert learner.version == 1 and metrics["weight_version"] == 1
+    assert metrics["grad_norm"] > 0 and np.isfinite(metrics["loss"])
+    # two minibatches of 2: the second ran after the first's step, so its ratio left 1
+    assert metrics["approx_kl"] > 0
+
+
+def test_ace_has_its_own_learning_rate():
+    learner = DDPOLearner(tiny_config())
+    lrs = [group["lr"] for group in learner.optimizer.param_groups]
+    assert lrs == [3e-4, 1e-2]
+    assert learner.optimizer.param_groups[1]["params"][0] is learner.policy.ace
+
+
+def test_trajectories_from_an_old_version_are_refused():
+    cfg = tiny_config()
+    learner = DDPOLearner(cfg)
+    trajectory = sampled_batch(cfg, learner)
+    learner.update(np.zeros(4) + np.arange(4), trajectory)
+    with pytest.raises(ValueError, match="weight version 0 given to the learner at version 1"):
+        learner.update(np.arange(4.0), trajectory)
+
+
+def test_published_weights_are_the_adapter_tensors_only():
+    learner = DDPOLearner(tiny_config())
+    published = learner.publish()
+    unet_bytes = sum(p.numel() * p.element_size() for p in learner.policy.unet.parameters())
+    assert set(published.tensors) == set(learner.policy.trainable_state())
+    assert 0 < published.nbytes < 0.05 * unet_bytes
+
+
+def test_state_round_trip_reproduces_the_next_update():
+    cfg = tiny_config()
+    first = DDPOLearner(cfg)
+    trajectory = sampled_batch(cfg, first)
+    first.update(np.arange(4.0), trajectory)
+    tensors, meta = first.state()
+    second = DDPOLearner(cfg)
+    second.load_state(tensors, meta)
+    assert second.version == 1
+    assert all(torch.equal(a, b) for a, b in zip(first.trainable_parameters(), second.trainable_parameters()))
+    # the next update (same data, same generator state) lands on identical weights
+    worker = RolloutWorker(cfg)
+    worker.load_weights(first.publish())
+    batch, _ = worker.sample(REPORTS, seed=1, with_anchor=False)
+    first.update(np.arange(4.0), batch)
+    second.update(np.arange(4.0), batch)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first.trainable_parameters(), second.trainable_parameters()))

@@ -1,0 +1,115 @@
+"""CXRL's rewards on hand-computed cases: r_align, diagnostic accuracy, CLIP consistency, RLCF."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from radrl.config import ModelsConfig, RewardsConfig
+from radrl.data.phantom import Posture, render_phantom
+from radrl.models.posture import r_align
+from radrl.reward_actors.rewards import (ConsistencyReward, DiagnosisReward, PostureReward, diagnostic_accuracy,
+                                         report_targets)
+from radrl.reward_actors.rlcf import NonFiniteRewardError, check_finite, combine, paired_variance_ratio
+
+REPORTS = ["The heart is enlarged. Small left pleural effusion.", "No acute cardiopulmonary abnormality."]
+
+
+def test_r_align_of_known_affines():
+    psi = torch.tensor([
+        [1.0, 1.0, 0.0, 0.0, 0.0],  # upright: perfect
+        [1.2, 0.9, 0.3, 0.4, math.pi / 2],  # −(max(0.2, 0.1) + (π/2)/(2π) + 0.5)
+        [0.7, 1.1, -0.6, 0.8, -math.pi],  # −(0.3 + 0.5 + 1.0)
+    ])
+    assert torch.allclose(r_align(psi), torch.tensor([0.0, -0.95, -1.8]), atol=1e-6)
+
+
+def test_posture_reward_scores_upright_phantoms_above_tilted_ones():
+    reward = PostureReward(ModelsConfig())
+    upright = Posture(1.0, 1.0, 0.0, 0.0, 0.0)
+    tilted = Posture(0.92, 0.92, 0.1, -0.05, 0.2)  # a typical mis-positioning of the training distribution
+    truth = r_align(torch.from_numpy(np.stack([upright.as_array(), tilted.as_array()]))).numpy()
+    images = torch.from_numpy(np.stack([render_phantom(frozenset(), p, size=32, seed=3) for p in (upright, tilted)]))
+    scores, info = reward(images[:, None].float(), ["a", "b"])
+    assert scores.shape == (2,) and info["posture"].shape == (2, 5)
+    assert scores[0] > scores[1]
+    assert np.allclose(scores, truth, atol=0.15)  # the shipped regressor's |Δr_align| is 0.035 on average
+
+
+def test_report_targets_positive_negative_unmentioned_uncertain():
+    names = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Pneumonia")
+    targets = report_targets(
+        ["Cardiomegaly. No pneumothorax. Possible pneumonia.", "No acute cardiopulmonary abnormality."], names)
+    # positive → 1, negated → 0, not mentioned → 0, uncertain → NaN (not scored)
+    assert np.array_equal(targets[0, :3], [1, 0, 0]) and np.isnan(targets[0, 3])
+    assert np.array_equal(targets[1], [0, 0, 0, 0])
+
+
+def test_diagnostic_accuracy_by_hand():
+    probabilities = np.array([[0.9, 0.2, 0.6, 0.1], [0.4, 0.4, 0.4, 0.4]])
+    targets = np.array([[1, 0, 0, np.nan], [np.nan, np.nan, np.nan, np.nan]])
+    # image 0: classes 0 and 1 right, class 2 wrong, class 3 not scored → 2/3; image 1: nothing scored → 0
+    assert np.allclose(diagnostic_accuracy(probabilities, targets), [2 / 3, 0.0])
+
+
+def test_diagnosis_reward_prefers_the_image_that_shows_the_reported_findings():
+    reward = DiagnosisReward(ModelsConfig())
+    assert len(reward.class_names) == 11
+    report = "Marked cardiomegaly. Large right pleural effusion."
+    upright = Posture(1.0, 1.0, 0.0, 0.0, 0.0)
+    sick = render_phantom(frozenset({"Cardiomegaly", "Pleural Effusion"}), upright, size=32, seed=5)
+    healthy = render_phantom(frozenset(), upright, size=32, seed=5)
+    images = torch.from_numpy(np.stack([sick, healthy]))[:, None].float()
+    scores, info = reward(images, [report, report])
+    assert scores[0] > scores[1]
+    assert info["scored_classes"].tolist() == [11, 11]
+
+
+def test_consistency_reward_is_the_cosine_of_the_clip_embeddings():
+    reward = ConsistencyReward(ModelsConfig())
+    images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores, _ = reward(images, REPORTS)
+    with torch.no_grad():
+        expected = (reward.model.encode_images(images) * reward.model.encode_reports(REPORTS)).sum(-1).numpy()
+    assert np.allclose(scores, expected, atol=1e-6) and np.all(np.abs(scores) <= 1 + 1e-6)
+
+
+def test_rewards_reject_bad_inputs_with_clear_errors():
+    reward = ConsistencyReward(ModelsConfig())
+    with pytest.raises(ValueError, match="2 images but 1 reports"):
+        reward(torch.rand(2, 1, 32, 32), REPORTS[:1])
+    with pytest.raises(ValueError, match="empty report"):
+        reward(torch.rand(1, 1, 32, 32), ["  "])
+    with pytest.raises(ValueError, match="NaN"):
+        reward(torch.full((1, 1, 32, 32), float("nan")), REPORTS[:1])
+
+
+def test_rlcf_subtracts_the_anchor_for_diag_and_consist_only():
+    policy = {"align": np.array([-0.1, -0.3]), "diag": np.array([0.9, 0.5]), "consist": np.array([0.4, 0.2])}
+    anchor = {"align": np.array([-0.5, -0.5]), "diag": np.array([0.8, 0.7]), "consist": np.array([0.1, 0.3])}
+    total, parts = combine(policy, anchor, RewardsConfig())
+    assert np.allclose(parts["align"], [-0.1, -0.3])  # never comparative
+    assert np.allclose(parts["diag"], [0.1, -0.2]) and np.allclose(parts["consist"], [0.3, -0.1])
+    assert np.allclose(total, [-0.1 + 10 * 0.1 + 10 * 0.3, -0.3 + 10 * -0.2 + 10 * -0.1])
+
+
+def test_direct_feedback_and_reward_switches():
+    policy = {"align": np.array([-0.2]), "diag": np.array([0.9]), "consist": np.array([0.4])}
+    total, parts = combine(policy, None, RewardsConfig(rlcf=False, lambda_consist=0.0))
+    assert set(parts) == {"align", "diag"} and np.allclose(total, [-0.2 + 9.0])
+    with pytest.raises(ValueError, match="no anchor"):
+        combine(policy, None, RewardsConfig())
+
+
+def test_non_finite_rewards_are_refused_with_the_report_named():
+    with pytest.raises(NonFiniteRewardError, match="'diag'.*second report"):
+        check_finite("diag", np.array([0.5, np.nan]), ["first report", "second report"])
+
+
+def test_paired_variance_ratio():
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=4000)
+    assert paired_variance_ratio(shared, shared) == 0.0
+    assert paired_variance_ratio(shared + 0.1 * rng.normal(size=4000), shared) < 0.02
+    assert abs(paired_variance_ratio(rng.normal(size=4000), rng.normal(size=4000)) - 1) < 0.1
