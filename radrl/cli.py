@@ -12,6 +12,7 @@ import typer
 # Nothing reaches for a model hub unless the user says so (HF_HUB_OFFLINE=0).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a bar per tiny model load is noise
 
 app = typer.Typer(help="RL fine-tuning of chest X-ray generative models (CXRL, LM-RRG) on Ray.", no_args_is_help=True)
 
@@ -108,6 +109,23 @@ def train(
 
     results = run_training(cfg, resume=resume)
     typer.echo(results)
+
+
+@app.command()
+def summarize(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders of finished `radrl train` runs (e.g. one per seed)")],
+) -> None:
+    """End-of-run policy − anchor per reward over several runs: each run, then mean ± std across runs."""
+    from radrl.orchestration.driver import format_seed_summary
+
+    results = []
+    for folder in run_dirs:
+        path = folder / "results.json"
+        if not path.is_file():
+            typer.echo(f"{path} not found: is {folder} a finished radrl train run?", err=True)
+            raise typer.Exit(2)
+        results.append(json.loads(path.read_text()))
+    typer.echo(format_seed_summary([str(f) for f in run_dirs], results))
 
 
 def format_quality(quality: dict) -> str:

@@ -120,6 +120,9 @@ class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1, description="rollout worker actors")
     batch_size: int = Field(8, ge=1, description="reports per worker per sampling call")
     batches_per_iteration: int = Field(1, ge=1, description="sampling calls per worker per iteration")
+    samples_per_report: int = Field(
+        1, ge=1, description="images per report in an iteration (a group: per-report advantages compare them)"
+    )
     num_steps: int = Field(50, ge=1, description="DDIM steps")
     eta: float = Field(1.0, gt=0.0, description="DDIM eta; > 0 or log-probs are undefined")
     guidance_scale: float = Field(5.0, ge=1.0, description="classifier-free guidance (also used in training)")
@@ -211,6 +214,11 @@ class ExperimentConfig(Section):
                 f"learner.batch_size = {self.learner.batch_size} does not divide the {per_iteration} trajectories "
                 f"sampled per iteration (rollout.num_workers × rollout.batch_size × rollout.batches_per_iteration); "
                 "pick a divisor"
+            )
+        if self.rollout.batch_size % self.rollout.samples_per_report:
+            raise ValueError(
+                f"rollout.samples_per_report = {self.rollout.samples_per_report} must divide rollout.batch_size = "
+                f"{self.rollout.batch_size}, so that each report's group is sampled in one batch"
             )
         if self.learner.stat_min_count > self.learner.stat_buffer_size:
             raise ValueError("learner.stat_min_count must not exceed learner.stat_buffer_size")

@@ -12,6 +12,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 class NetworkAccessError(RuntimeError):

@@ -33,8 +33,11 @@ def report_pool(cfg: DataConfig, split: str) -> list[str]:
     return [texts[i] for i in sorted(order)]
 
 
-def iteration_reports(pool: list[str], count: int, seed: int, iteration: int) -> list[str]:
-    """The `count` reports of one iteration: a function of (seed, iteration) only, so a resumed
+def iteration_reports(pool: list[str], count: int, seed: int, iteration: int, samples_per_report: int = 1) -> list[str]:
+    """The `count` reports of one iteration, each of count / samples_per_report distinct reports
+    repeated samples_per_report times in a row. A function of (seed, iteration) only, so a resumed
     run draws exactly what the uninterrupted run would have."""
+    distinct = count // samples_per_report
     rng = np.random.default_rng([seed, iteration])
-    return [pool[i] for i in rng.choice(len(pool), size=count, replace=count > len(pool))]
+    chosen = rng.choice(len(pool), size=distinct, replace=distinct > len(pool))
+    return [pool[i] for i in chosen for _ in range(samples_per_report)]

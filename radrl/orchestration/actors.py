@@ -17,6 +17,8 @@ from radrl.orchestration.handles import LocalCluster, LocalHandle
 from radrl.reward_actors.scorer import RewardScorer
 from radrl.rollout.worker import RolloutWorker
 
+# The driver's offline and quiet switches hold in every actor, also on nodes of a running cluster.
+PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")
 REWARD_NAMES = ("align", "diag", "consist")  # every reward model runs (λ = 0 ones for evaluation only)
 
 
@@ -45,9 +47,9 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
 
 def _options(resources: Resources, name: str) -> dict:
     # OMP_NUM_THREADS: torch in each actor uses the cores it was given, not every core on the node.
-    threads = str(max(1, int(resources.num_cpus)))
-    return dict(name=name, num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
+    env = {"OMP_NUM_THREADS": str(max(1, int(resources.num_cpus)))}
+    env.update({key: os.environ[key] for key in PASSED_ENV if key in os.environ})
+    return dict(name=name, num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, runtime_env={"env_vars": env})
 
 
 def _start_ray_roles(cfg: ExperimentConfig) -> Roles:

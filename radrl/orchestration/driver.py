@@ -8,6 +8,7 @@ code below is the same for both (see handles.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
@@ -77,12 +79,17 @@ def direct_total(scores: dict[str, np.ndarray], cfg: ExperimentConfig) -> np.nda
 
 
 def evaluation_summary(scores: Scores, cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
-    """Mean direct score of each component and of the total, for policy and anchor, plus the win rate."""
-    summary = {name: {"policy": float(scores.policy[name].mean()), "anchor": float(scores.anchor[name].mean())}
-               for name in COMPONENTS}
-    policy_total, anchor_total = direct_total(scores.policy, cfg), direct_total(scores.anchor, cfg)
-    summary["total"] = {"policy": float(policy_total.mean()), "anchor": float(anchor_total.mean())}
-    wins = (policy_total > anchor_total) + 0.5 * (policy_total == anchor_total)
+    """Per component and for the total: mean direct score of policy and anchor images, and the
+    standard error of their per-report difference (the images are paired by report and noise);
+    plus the policy's win rate on the total."""
+    policy = dict(scores.policy, total=direct_total(scores.policy, cfg))
+    anchor = dict(scores.anchor, total=direct_total(scores.anchor, cfg))
+    summary = {}
+    for name in (*COMPONENTS, "total"):
+        difference = policy[name] - anchor[name]
+        summary[name] = {"policy": float(policy[name].mean()), "anchor": float(anchor[name].mean()),
+                         "difference_se": float(difference.std(ddof=1) / np.sqrt(len(difference)))}
+    wins = (policy["total"] > anchor["total"]) + 0.5 * (policy["total"] == anchor["total"])
     summary["win_rate"] = {"policy": float(wins.mean()), "anchor": float(1 - wins.mean())}
     return summary
 
@@ -109,7 +116,8 @@ class CXRLTrainer:
     def train_step(self) -> dict[str, float]:
         """One iteration: sample → score → RLCF rewards → DDPO update → broadcast. Returns its scalars."""
         cfg, timer, start = self.cfg, StageTimer(), time.perf_counter()
-        reports = iteration_reports(self.train_pool, self.per_iteration, cfg.seed, self.iteration)
+        reports = iteration_reports(self.train_pool, self.per_iteration, cfg.seed, self.iteration,
+                                    cfg.rollout.samples_per_report)
 
         with timer("sample"):  # 1. policy (and anchor) images; trajectories stay in the object store
             trajectories, rollouts = self.sample(reports, ("train", cfg.seed, self.iteration), with_anchor=cfg.rewards.rlcf)
@@ -157,19 +165,31 @@ class CXRLTrainer:
         if self.last_checkpoint != self.iteration:
             self.checkpoint()
         results = {"iterations": self.iteration, "weight_version": self.weight_version,
-                   "start": self.start_evaluation, "end": end}
+                   "start": self.start_evaluation, "end": end, "paired_variance_ratio": self.paired_noise_report()}
         self.write_results(results)
         return results
 
+    def paired_noise_report(self) -> dict[str, float]:
+        """Mean over iterations of Var(policy − anchor) / (Var(policy) + Var(anchor)) per reward, logged."""
+        history = self.tracker.history()
+        ratios = {name: float(np.mean([h[key] for h in history if key in h]))
+                  for name in COMPONENTS if any((key := f"rlcf/paired_variance_ratio/{name}") in h for h in history)}
+        if ratios:
+            shared = "shared" if self.cfg.rollout.share_noise_with_anchor else "independent"
+            log.info("%s policy/anchor noise: Var(policy − anchor) = %s × (Var(policy) + Var(anchor)), "
+                     "mean over iterations (1.0 is what independent noise gives)", shared,
+                     ", ".join(f"{v:.3f} ({k})" for k, v in ratios.items()))
+        return ratios
+
     # ------------------------------------------------------------------ stages
 
-    def sample(self, reports: list[str], seed_parts: tuple, with_anchor: bool):
+    def sample(self, reports: list[str], seed_parts: tuple, with_anchor: bool, identical_noise: bool = False):
         """Split `reports` into batches over the workers → (trajectory refs, rollout images) in report order."""
         size = self.cfg.rollout.batch_size
         batches = [reports[i:i + size] for i in range(0, len(reports), size)]
         workers = self.roles.workers
         calls = [workers[k % len(workers)].sample.options(num_returns=2).remote(batch, stable_seed(*seed_parts, k),
-                                                                                 with_anchor)
+                                                                                 with_anchor, identical_noise)
                  for k, batch in enumerate(batches)]
         trajectories = [trajectory for trajectory, _ in calls]
         return trajectories, self.get([rollout for _, rollout in calls])
@@ -200,16 +220,16 @@ class CXRLTrainer:
         return published.version
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Direct rewards of policy and anchor on the held-out reports, one seeded image each."""
-        _, rollouts = self.sample(self.eval_reports, ("eval", self.cfg.logging.eval_seed), with_anchor=True)
+        """Direct rewards of policy and anchor on the held-out reports, one seeded image each, both
+        from identical noise: the difference is the weights' doing, measured with the least noise."""
+        _, rollouts = self.sample(self.eval_reports, ("eval", self.cfg.logging.eval_seed), with_anchor=True,
+                                  identical_noise=True)
         return evaluation_summary(self.score(rollouts), self.cfg)
 
     def log_grid(self) -> None:
         """Anchor vs policy for the first held-out reports, always the same noise: how the policy drifts."""
         reports = self.eval_reports[:GRID_REPORTS]
-        _, rollouts = self.sample(reports, ("eval", self.cfg.logging.eval_seed), with_anchor=True)
-        import torch
-
+        _, rollouts = self.sample(reports, ("eval", self.cfg.logging.eval_seed), with_anchor=True, identical_noise=True)
         anchor = torch.cat([r.anchor_images for r in rollouts])
         policy = torch.cat([r.policy_images for r in rollouts])
         self.tracker.log_image_grid(self.iteration, reports, anchor, policy)
@@ -221,9 +241,8 @@ class CXRLTrainer:
             scalars[REWARD_KEY.format(name=name, who="policy")] = float(scores.policy[name].mean())
             if scores.anchor is not None:
                 scalars[REWARD_KEY.format(name=name, who="anchor")] = float(scores.anchor[name].mean())
-                if self.cfg.rollout.share_noise_with_anchor or name != "align":
-                    scalars[f"rlcf/paired_variance_ratio/{name}"] = paired_variance_ratio(scores.policy[name],
-                                                                                          scores.anchor[name])
+                scalars[f"rlcf/paired_variance_ratio/{name}"] = paired_variance_ratio(scores.policy[name],
+                                                                                      scores.anchor[name])
         for name, values in components.items():
             scalars[REWARD_KEY.format(name=name, who="rlcf")] = float(values.mean())
         if scores.anchor is not None:
@@ -284,8 +303,6 @@ class CXRLTrainer:
     # ------------------------------------------------------------------ results
 
     def write_results(self, results: dict) -> None:
-        import json
-
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         (self.run_dir / "results.md").write_text(format_results_table(results) + "\n")
         self.tracker.write_reward_curves()
@@ -316,7 +333,8 @@ def check_resumable(saved: dict, current: dict) -> None:
 
 
 def format_brief(summary: dict) -> str:
-    return "  ".join(f"{name} {v['policy']:+.3f}/{v['anchor']:+.3f}" for name, v in summary.items()) + "  (policy/anchor)"
+    parts = [f"{name} {summary[name]['policy']:+.3f}/{summary[name]['anchor']:+.3f}" for name in (*COMPONENTS, "total")]
+    return "  ".join(parts) + "  (policy/anchor)"
 
 
 def format_progress(iteration: int, total: int, scalars: dict) -> str:
@@ -332,7 +350,7 @@ def format_progress(iteration: int, total: int, scalars: dict) -> str:
 
 def format_results_table(results: dict) -> str:
     """Markdown: each reward component for policy and anchor at the start and the end (held-out reports)."""
-    lines = ["| held-out (direct scores) | anchor | policy, start | policy, end | end: policy − anchor |",
+    lines = ["| held-out (direct scores) | anchor | policy, start | policy, end | end: policy − anchor (± s.e.) |",
              "|---|---|---|---|---|"]
     start, end = results["start"], results["end"]
     labels = {"align": "r_align", "diag": "diagnostic accuracy", "consist": "CLIP cosine",
@@ -340,6 +358,19 @@ def format_results_table(results: dict) -> str:
     for key, label in labels.items():
         anchor = end[key]["anchor"]
         lines.append(f"| {label} | {anchor:.4f} | {start[key]['policy']:.4f} | {end[key]['policy']:.4f} | "
-                     f"{end[key]['policy'] - anchor:+.4f} |")
+                     f"{end[key]['policy'] - anchor:+.4f} ± {end[key]['difference_se']:.4f} |")
     lines.append(f"| win rate vs anchor (total) | | {start['win_rate']['policy']:.3f} | {end['win_rate']['policy']:.3f} | |")
+    return "\n".join(lines)
+
+
+def format_seed_summary(names: list[str], results: list[dict]) -> str:
+    """Markdown: end-of-run policy − anchor per reward for each run, then mean ± std (ddof 1) across runs."""
+    keys = (*COMPONENTS, "total")
+    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    differences = np.array([[r["end"][k]["policy"] - r["end"][k]["anchor"] for k in keys] for r in results])
+    for name, row in zip(names, differences):
+        lines.append(f"| {name} | " + " | ".join(f"{v:+.4f}" for v in row) + " |")
+    if len(results) > 1:
+        mean, std = differences.mean(axis=0), differences.std(axis=0, ddof=1)
+        lines.append("| mean ± std | " + " | ".join(f"{m:+.4f} ± {s:.4f}" for m, s in zip(mean, std)) + " |")
     return "\n".join(lines)

@@ -56,33 +56,41 @@ class RolloutWorker:
         self.weight_version = weights.version
         return weights.version
 
-    def sample(self, reports: list[str], seed: int, with_anchor: bool) -> tuple[DiffusionTrajectory, RolloutImages]:
+    def held_version(self) -> int:
+        """The weight version this worker samples with (-1 before the first broadcast)."""
+        return self.weight_version
+
+    def sample(self, reports: list[str], seed: int, with_anchor: bool,
+               identical_noise: bool = False) -> tuple[DiffusionTrajectory, RolloutImages]:
         """One trajectory per report from the policy, plus the anchor's image of each report if asked.
 
-        With `rollout.share_noise_with_anchor` the anchor starts from the same x_T and draws the
-        same per-step noise, so policy and anchor differ only by the weights (a paired comparison).
+        With `rollout.share_noise_with_anchor` the anchor starts from the policy's x_T (a paired
+        comparison); its per-step noise is always its own. x_T is the chain's start state, not an
+        action the policy takes, so an anchor score that depends on it is a valid baseline. Sharing
+        the per-step noise too would make the anchor's score a function of the policy's actions:
+        the comparative reward's gradient would then vanish at the anchor and be biased away from it.
+        `identical_noise` does exactly that, for evaluation only (no gradient, lowest-variance pairing).
         """
         if self.weight_version < 0:
             raise RuntimeError(f"rollout worker {self.index}: no weights loaded; the driver must broadcast first")
         rollout = self.cfg.rollout
         shape = (len(reports), *self.policy.models.latent_shape)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
 
-        def run(initial_noise: torch.Tensor, step_seed: int) -> DiffusionTrajectory:
+        def run(noise_seed: int, step_seed: int) -> DiffusionTrajectory:
+            initial_noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed)).to(self.device)
             generator = torch.Generator(self.device).manual_seed(step_seed)
             return sample_trajectories(self.policy, list(reports), rollout.num_steps, rollout.eta,
                                        rollout.guidance_scale, initial_noise, self.weight_version, generator)
 
         start = time.perf_counter()
-        trajectory = run(noise, seed + 1)
+        trajectory = run(seed, seed + 1)
         seconds = {"policy": time.perf_counter() - start}
         anchor_images = None
         if with_anchor:
             start = time.perf_counter()
-            if not rollout.share_noise_with_anchor:
-                noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2)).to(self.device)
             with self.policy.anchor():
-                anchor_images = run(noise, seed + 1 if rollout.share_noise_with_anchor else seed + 3).images
+                shared_start = rollout.share_noise_with_anchor or identical_noise
+                anchor_images = run(seed if shared_start else seed + 2, seed + 1 if identical_noise else seed + 3).images
             seconds["anchor"] = time.perf_counter() - start
         trajectory = trajectory.to("cpu")
         view = RolloutImages(tuple(reports), trajectory.images, None if anchor_images is None else anchor_images.cpu(),

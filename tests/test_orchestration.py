@@ -1,0 +1,116 @@
+"""The driver end to end: in-process runs, checkpoints and resume, and the same loop on a local Ray instance."""
+
+import json
+
+import numpy as np
+import pytest
+
+from radrl.config import load_config
+from radrl.orchestration.actors import start_roles
+from radrl.orchestration.checkpoints import latest_checkpoint
+from radrl.orchestration.driver import CXRLTrainer, RunFailed, StaleRolloutError, check_resumable, check_staleness
+
+
+def small_config(run_dir, **overrides):
+    settings = {"rollout.num_steps": 2, "rollout.batch_size": 4, "learner.batch_size": 4, "learner.iterations": 2,
+                "learner.stat_buffer_size": 4, "learner.stat_min_count": 2, "logging.eval_reports": 4,
+                "logging.image_every": 1, "logging.checkpoint_every": 1, "logging.run_dir": str(run_dir),
+                "orchestration.local": True, "orchestration.dashboard": False}
+    settings.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in settings.items()])
+
+
+def train(cfg, resume=False):
+    roles = start_roles(cfg)
+    try:
+        trainer = CXRLTrainer(cfg, roles, resume=resume)
+        return trainer, trainer.run()
+    finally:
+        roles.cluster.shutdown()
+
+
+def history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_in_process_run_writes_everything_a_user_looks_at(tmp_path):
+    trainer, results = train(small_config(tmp_path))
+    assert results["iterations"] == 2 and results["weight_version"] == 2
+    assert [h["iteration"] for h in history(tmp_path)] == [1, 2]
+    first = history(tmp_path)[0]
+    for key in ("reward/total", "reward/align/policy", "reward/diag/anchor", "reward/consist/rlcf",
+                "reward/win_rate_vs_anchor", "loss/policy", "ddpo/approx_kl", "ddpo/clipfrac", "ddpo/grad_norm",
+                "throughput/images_per_s", "timing/sample", "timing/update", "timing/reward_diag"):
+        assert np.isfinite(first[key]), key
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "grids" / "iter_000000.png").is_file() and (tmp_path / "grids" / "iter_000002.png").is_file()
+    assert (tmp_path / "reward_curves.png").is_file()
+    table = (tmp_path / "results.md").read_text()
+    assert "r_align" in table and "CLIP cosine" in table and "win rate" in table
+    for part in ("align", "diag", "consist", "total"):
+        assert results["end"][part]["anchor"] == pytest.approx(results["start"][part]["anchor"])  # frozen anchor
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(small_config(straight, **{"learner.iterations": 3}))
+    train(small_config(interrupted, **{"learner.iterations": 2}))
+    trainer, results = train(small_config(interrupted, **{"learner.iterations": 3}), resume=True)
+    assert results["iterations"] == 3 and results["weight_version"] == 3
+    resumed, reference = history(interrupted), history(straight)
+    assert [h["iteration"] for h in resumed] == [1, 2, 3]  # nothing redone, nothing skipped
+    for key in ("reward/total", "reward/consist/policy", "loss/policy"):
+        assert resumed[2][key] == pytest.approx(reference[2][key], abs=1e-6), key
+    assert latest_checkpoint(interrupted).name == "iter_000003"
+
+
+def test_resume_refuses_a_config_that_changes_what_is_trained(tmp_path):
+    train(small_config(tmp_path, **{"learner.iterations": 1}))
+    with pytest.raises(ValueError, match="learner.lr"):
+        train(small_config(tmp_path, **{"learner.iterations": 2, "learner.lr": 1e-3}), resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(small_config(tmp_path / "elsewhere"), resume=True)
+
+
+def test_check_staleness():
+    check_staleness([3, 3], learner_version=3, max_staleness=0)
+    check_staleness([2], learner_version=3, max_staleness=1)
+    with pytest.raises(StaleRolloutError, match="weight version 2 but the learner is at 3"):
+        check_staleness([3, 2], learner_version=3, max_staleness=0)
+
+
+def test_check_resumable_allows_scale_changes_only():
+    saved = {"learner": {"iterations": 10, "lr": 3e-4}, "rollout": {"num_workers": 1}}
+    check_resumable(saved, {"learner": {"iterations": 20, "lr": 3e-4}, "rollout": {"num_workers": 4}})
+    with pytest.raises(ValueError, match="learner.lr"):
+        check_resumable(saved, {"learner": {"iterations": 20, "lr": 1e-3}, "rollout": {"num_workers": 1}})
+
+
+@pytest.mark.slow
+def test_two_iterations_on_local_ray_with_two_rollout_workers(tmp_path):
+    ray = pytest.importorskip("ray")
+    cfg = small_config(tmp_path, **{"orchestration.local": False, "rollout.num_workers": 2, "rollout.batch_size": 2,
+                                    "logging.eval_reports": 4, "learner.iterations": 2})
+    roles = start_roles(cfg)
+    try:
+        assert {ray.get_actor(f"radrl-rollout-{i}") for i in range(2)} and ray.get_actor("radrl-learner")
+        assert all(ray.get_actor(f"radrl-reward-{name}-0") for name in ("align", "diag", "consist"))
+        trainer = CXRLTrainer(cfg, roles)
+        results = trainer.run()
+        assert results["iterations"] == 2
+        learner_version = ray.get(roles.learner.publish.remote()).version
+        assert learner_version == 2
+        assert ray.get([w.held_version.remote() for w in roles.workers]) == [2, 2]
+        trajectories, rollouts = trainer.sample(trainer.eval_reports, ("check",), with_anchor=False)
+        assert [t.weight_version for t in ray.get(trajectories)] == [2, 2]  # one batch from each worker
+        assert [r.weight_version for r in rollouts] == [2, 2]
+        assert [h["iteration"] for h in history(tmp_path)] == [1, 2]
+
+        # A dead rollout worker stops the run with a message that says how to continue.
+        ray.kill(roles.workers[1])
+        trainer.cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"iterations": 3})})
+        with pytest.raises(RunFailed, match="resume"):
+            trainer.run()
+    finally:
+        roles.cluster.shutdown()

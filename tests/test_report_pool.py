@@ -1,0 +1,31 @@
+"""Which reports a CXRL run trains and evaluates on."""
+
+import pytest
+
+from radrl.config import ConfigError, DataConfig, load_config
+from radrl.data.report_pool import iteration_reports, report_pool
+
+
+def test_pools_are_non_empty_and_capped():
+    train = report_pool(DataConfig(n_train=200), "train")
+    test = report_pool(DataConfig(n_test=50), "test")
+    assert len(train) == 200 and len(test) == 50
+    assert all(text.strip() for text in train + test)
+
+
+def test_iteration_reports_depend_on_seed_and_iteration_only():
+    pool = [f"report {i}" for i in range(100)]
+    assert iteration_reports(pool, 8, seed=0, iteration=3) == iteration_reports(pool, 8, seed=0, iteration=3)
+    assert iteration_reports(pool, 8, seed=0, iteration=3) != iteration_reports(pool, 8, seed=0, iteration=4)
+    assert iteration_reports(pool, 8, seed=0, iteration=3) != iteration_reports(pool, 8, seed=1, iteration=3)
+
+
+def test_groups_of_samples_per_report():
+    reports = iteration_reports([f"report {i}" for i in range(100)], 8, seed=0, iteration=0, samples_per_report=4)
+    assert len(reports) == 8 and len(set(reports)) == 2
+    assert reports[:4] == [reports[0]] * 4 and reports[4:] == [reports[4]] * 4
+
+
+def test_a_group_must_fit_in_one_batch():
+    with pytest.raises(ConfigError, match="samples_per_report = 3 must divide rollout.batch_size = 8"):
+        load_config(None, ["rollout.samples_per_report=3"])
