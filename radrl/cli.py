@@ -105,10 +105,16 @@ def train(
     # radrl's own progress at INFO; libraries (open_clip logs every model load on the root logger) at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("radrl").setLevel(logging.INFO)
+    from radrl.models.weights import MissingWeightsError
+    from radrl.orchestration.driver import RunFailed
     from radrl.orchestration.run import run_training
 
-    results = run_training(cfg, resume=resume)
-    typer.echo(results)
+    try:
+        table = run_training(cfg, resume=resume)
+    except (RunFailed, MissingWeightsError, FileNotFoundError) as error:
+        typer.echo(f"radrl train: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(table)
 
 
 @app.command()

@@ -10,7 +10,7 @@ runner = CliRunner()
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("bootstrap", "models", "labels", "config"):
+    for command in ("bootstrap", "models", "labels", "config", "train", "summarize"):
         assert command in result.output
     assert "--quick" in runner.invoke(app, ["bootstrap", "--help"]).output
 
@@ -32,3 +32,19 @@ def test_models_prints_the_shipped_quality_report():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0, result.output
     assert "classifier" in result.output and "diffusion/generated" in result.output
+
+
+def test_train_runs_in_process_and_prints_the_table(tmp_path):
+    result = runner.invoke(app, ["train", "--local", "--set", "learner.iterations=1", "--set", "rollout.num_steps=2",
+                                 "--set", "rollout.batch_size=4", "--set", "rollout.samples_per_report=2",
+                                 "--set", "learner.batch_size=4", "--set", "logging.eval_reports=4",
+                                 "--set", f"logging.run_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    assert "| r_align |" in result.output and "| total (λ-weighted) |" in result.output
+    summary = runner.invoke(app, ["summarize", str(tmp_path), str(tmp_path)])
+    assert summary.exit_code == 0 and "mean ± std" in summary.output
+
+
+def test_train_rejects_a_bad_config_before_starting_anything():
+    result = runner.invoke(app, ["train", "--local", "--set", "rewards.lambda_diagnosis=3"])
+    assert result.exit_code == 2 and "rewards.lambda_diagnosis: unknown key; did you mean 'lambda_diag'?" in result.output

@@ -7,7 +7,7 @@ import time
 
 from radrl.config import ExperimentConfig
 from radrl.orchestration.actors import start_roles
-from radrl.orchestration.driver import CXRLTrainer, RunFailed, format_results_table
+from radrl.orchestration.driver import CXRLTrainer, format_results_table
 
 log = logging.getLogger("radrl")
 
@@ -24,9 +24,6 @@ def run_training(cfg: ExperimentConfig, resume: bool = False) -> str:
         trainer = CXRLTrainer(cfg, roles, resume=resume)
         log.info("roles ready in %.0f s", time.perf_counter() - start)
         results = trainer.run()
-    except RunFailed as error:
-        log.error("%s", error)
-        raise
     finally:
         roles.cluster.shutdown()
     table = format_results_table(results)
