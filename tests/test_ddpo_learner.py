@@ -87,3 +87,29 @@ def test_state_round_trip_reproduces_the_next_update():
     first.update(np.arange(4.0), batch)
     second.update(np.arange(4.0), batch)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first.trainable_parameters(), second.trainable_parameters()))
+
+
+def brightness_after_training(sign: float, iterations: int = 12) -> tuple[float, float]:
+    """Mean brightness of fixed-noise samples before and after DDPO on reward = sign × brightness."""
+    cfg = tiny_config(**{"rollout.num_steps": 4, "rollout.batch_size": 8, "learner.batch_size": 8, "learner.lr": 1e-2,
+                         "learner.ace_lr": 1e-2, "learner.per_prompt_stats": False, "learner.timestep_fraction": 1.0})
+    learner, worker = DDPOLearner(cfg), RolloutWorker(cfg)
+    worker.load_weights(learner.publish())
+    probe = REPORTS * 2
+
+    def brightness() -> float:
+        return float(worker.sample(probe, seed=999, with_anchor=False)[1].policy_images.mean())
+
+    before = brightness()
+    for iteration in range(iterations):
+        trajectory, view = worker.sample(probe, seed=iteration, with_anchor=False)
+        learner.update(sign * view.policy_images.mean(dim=(1, 2, 3)).double().numpy(), trajectory)
+        worker.load_weights(learner.publish())
+    return before, brightness()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_ddpo_climbs_a_simple_reward_in_either_direction(sign):
+    before, after = brightness_after_training(sign)
+    assert sign * (after - before) > 0.03, (before, after)

@@ -70,7 +70,8 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"trainable state does not match this policy (LoRA rank/targets or ACE tokens differ?): "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         for name, value in state.items():
-            own[name].copy_(torch.as_tensor(value))
+            # Arrays from Ray's object store are read-only views: copy before wrapping.
+            own[name].copy_(torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value)
 
     @contextmanager
     def anchor(self):
