@@ -82,7 +82,7 @@ def train(
     num_rollout_workers: Annotated[int | None, typer.Option(help="rollout worker actors")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's latest checkpoint")] = False,
 ) -> None:
-    """Train (CXRL) on a local Ray instance, a cluster (--address) or in-process (--local)."""
+    """Train CXRL, or LM-RRG (supervised then CQRL), on a local Ray instance, a cluster (--address) or in-process (--local)."""
     import logging
 
     from radrl.config import ConfigError, load_config
@@ -99,9 +99,6 @@ def train(
     except ConfigError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(2) from None
-    if cfg.task != "cxrl":
-        typer.echo(f"task {cfg.task!r} is not trainable yet (LM-RRG is issue 4); use a cxrl config", err=True)
-        raise typer.Exit(2)
     # radrl's own progress at INFO; libraries (open_clip logs every model load on the root logger) at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("radrl").setLevel(logging.INFO)

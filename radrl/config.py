@@ -96,8 +96,16 @@ class ReportGeneratorConfig(Section):
     num_regions: int = Field(29, ge=1, description="K: anatomical regions (Chest ImaGenome)")
     region_blocks: int = Field(3, ge=1, description="region cross-/self-attention blocks")
     vtrans_layers: int = Field(3, ge=1, description="VTrans transformer layers")
+    region_grid: int = Field(0, ge=0, description="average-pool the patch grid to G × G before the region blocks "
+                                                  "(0 = every patch); they cost K × a ViT pass")
     instruction: str = "Write the findings and impression of this chest radiograph."
-    max_new_tokens: int = Field(96, ge=1, description="longest generated report, in tokens")
+    max_new_tokens: int = Field(96, ge=2, description="longest generated report, in tokens")
+    supervised_decoder: Literal["lora", "full"] = Field(
+        "lora", description="supervised stage: train a LoRA on the decoder (merged when the stage ends) or all of it"
+    )
+    decoder_lora_targets: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "out_proj"),
+                                                  description="decoder modules that get LoRA (OPT's attention)")
+    disease_weight: float = Field(1.0, ge=0, description="λ of L_disease in the supervised loss")
 
 
 class ModelsConfig(Section):
@@ -140,7 +148,14 @@ class RewardsConfig(Section):
     rlcf: bool = Field(True, description="comparative feedback against the anchor; False = 'w/o RLCF'")
     replicas: int = Field(1, ge=1, description="actors per reward model")
     radcliq_version: Literal["v0", "v1"] = "v1"
-    rrg_reward: Literal["radcliq", "bleu4"] = "radcliq"
+    rrg_reward: Literal["radcliq", "bleu4"] = Field(
+        "radcliq", description="rrg: RadCliQ (reward = RadCliQ(empty report) − RadCliQ) or BLEU-4 (ablation)")
+    radcliq_backends: Literal["offline", "official"] = Field(
+        "offline", description="RadCliQ features from offline stand-ins (embedded world) or the official models")
+    bertscore_layer: int = Field(2, ge=1, description="offline BERTScore: hidden layer of the shipped report LM")
+    bertscore_model: str = Field("distilroberta-base", description="official BERTScore model (hub cache)")
+    radgraph_model: str = Field("radgraph", description="official RadGraph model name (radgraph package)")
+    chexbert_weights: str | None = Field(None, description="official CheXbert: path of chexbert.pth")
     resources: Resources = Resources()
 
 
@@ -167,10 +182,12 @@ class LearnerConfig(Section):
     lora_alpha: float = Field(4.0, gt=0)
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     ace_tokens: int = Field(3, ge=0, description="N adaptive condition embeddings; 0 = 'w/o ACE'")
-    kl_threshold: float = Field(1.0, description="theta of the adaptive lambda_KL (rrg)")
-    adaptive_kl: bool = Field(True, description="rrg: lambda_KL = 1 if reward >= theta else reward/theta")
+    kl_threshold: float = Field(1.0, gt=0, description="rrg: θ of the adaptive λ_KL, in reward units")
+    adaptive_kl: bool = Field(True, description="rrg: λ_KL = 1 if reward ≥ θ else reward/θ (clipped at 0)")
     lambda_kl: float = Field(1.0, ge=0, description="rrg: the fixed lambda_KL when adaptive_kl is off")
     supervised_epochs: int = Field(3, ge=0, description="rrg: supervised stage before CQRL")
+    supervised_lr: float = Field(1e-4, gt=0, description="rrg: AdamW learning rate of the supervised stage")
+    supervised_batch_size: int = Field(32, ge=1, description="rrg: image–report pairs per supervised step")
     resources: Resources = Resources()
 
 

@@ -33,8 +33,8 @@ def report_pool(cfg: DataConfig, split: str) -> list[str]:
     return [texts[i] for i in sorted(order)]
 
 
-def iteration_reports(pool: list[str], count: int, seed: int, iteration: int, samples_per_report: int = 1) -> list[str]:
-    """The `count` reports of one iteration, each of count / samples_per_report distinct reports
+def iteration_reports(pool: list, count: int, seed: int, iteration: int, samples_per_report: int = 1) -> list:
+    """The `count` reports (or any pool items) of one iteration, each of count / samples_per_report distinct ones
     repeated samples_per_report times in a row. A function of (seed, iteration) only, so a resumed
     run draws exactly what the uninterrupted run would have."""
     distinct = count // samples_per_report

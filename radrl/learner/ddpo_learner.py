@@ -7,6 +7,7 @@ import torch
 
 from radrl.config import ExperimentConfig
 from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, ddpo_loss
+from radrl.learner.state import load_optimizer, optimizer_tensors
 from radrl.models.diffusion_policy import PublishedWeights
 from radrl.rollout.sampler import DiffusionTrajectory, concat_trajectories, step_log_prob, text_conditions
 from radrl.rollout.worker import build_policy, device_for
@@ -98,15 +99,13 @@ class DDPOLearner:
         """(tensors, JSON-able) of everything a resumed run needs: weights, optimizer, RNG, stat buffers."""
         # Copies: the live tensors change in place with the next update.
         tensors = {f"policy/{name}": t.detach().cpu().clone() for name, t in self.policy.trainable_state().items()}
-        optimizer = self.optimizer.state_dict()
-        for index, slots in optimizer["state"].items():
-            for slot, value in slots.items():
-                tensors[f"optimizer/{index}/{slot}"] = torch.as_tensor(value).detach().cpu().clone()
+        optimizer, param_groups = optimizer_tensors(self.optimizer)
+        tensors.update(optimizer)
         tensors["rng/generator"] = self.generator.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
         meta = {
             "weight_version": self.version,
-            "optimizer_param_groups": optimizer["param_groups"],
+            "optimizer_param_groups": param_groups,
             "stat_buffers": {report: list(buffer) for report, buffer in self.tracker.buffers.items()},
         }
         return tensors, meta
@@ -115,12 +114,7 @@ class DDPOLearner:
         """Restore what `state` returned."""
         self.policy.load_trainable_state({k.removeprefix("policy/"): v for k, v in tensors.items()
                                           if k.startswith("policy/")})
-        optimizer_state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer/"):
-                _, index, slot = key.split("/")
-                optimizer_state.setdefault(int(index), {})[slot] = value.to(self.device) if value.dim() else value
-        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": meta["optimizer_param_groups"]})
+        load_optimizer(self.optimizer, tensors, meta["optimizer_param_groups"], self.device)
         self.generator.set_state(tensors["rng/generator"])
         torch.set_rng_state(tensors["rng/torch"])
         for report, values in meta["stat_buffers"].items():

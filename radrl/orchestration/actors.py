@@ -13,13 +13,34 @@ from dataclasses import dataclass
 
 from radrl.config import ExperimentConfig, Resources
 from radrl.learner.ddpo_learner import DDPOLearner
+from radrl.learner.ppo_learner import ReportLearner
 from radrl.orchestration.handles import LocalCluster, LocalHandle
+from radrl.reward_actors.report_scorer import ReportRewardScorer
 from radrl.reward_actors.scorer import RewardScorer
+from radrl.rollout.report_worker import ReportRolloutWorker
 from radrl.rollout.worker import RolloutWorker
 
 # The driver's offline and quiet switches hold in every actor, also on nodes of a running cluster.
 PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")
-REWARD_NAMES = ("align", "diag", "consist")  # every reward model runs (λ = 0 ones for evaluation only)
+REWARD_NAMES = ("align", "diag", "consist")  # CXRL: every reward model runs (λ = 0 ones for evaluation only)
+
+
+@dataclass(frozen=True)
+class RoleClasses:
+    """The plain classes behind each role of a task."""
+
+    worker: type
+    learner: type
+    reward: type  # built as reward(cfg, name), one actor per name and replica
+    reward_names: tuple[str, ...]
+
+
+def role_classes(cfg: ExperimentConfig) -> RoleClasses:
+    """CXRL: diffusion workers, three reward models, the DDPO learner. LM-RRG: report workers, one
+    report reward (RadCliQ or BLEU-4), the PPO learner."""
+    if cfg.task == "cxrl":
+        return RoleClasses(RolloutWorker, DDPOLearner, RewardScorer, REWARD_NAMES)
+    return RoleClasses(ReportRolloutWorker, ReportLearner, ReportRewardScorer, (cfg.rewards.rrg_reward,))
 
 
 @dataclass
@@ -34,15 +55,16 @@ class Roles:
 
 def start_roles(cfg: ExperimentConfig) -> Roles:
     """Start every role in-process (orchestration.local) or as Ray actors."""
+    classes = role_classes(cfg)
     if cfg.orchestration.local:
         return Roles(
             cluster=LocalCluster(),
-            workers=[LocalHandle(RolloutWorker(cfg, i)) for i in range(cfg.rollout.num_workers)],
-            rewards={name: [LocalHandle(RewardScorer(cfg, name)) for _ in range(cfg.rewards.replicas)]
-                     for name in REWARD_NAMES},
-            learner=LocalHandle(DDPOLearner(cfg)),
+            workers=[LocalHandle(classes.worker(cfg, i)) for i in range(cfg.rollout.num_workers)],
+            rewards={name: [LocalHandle(classes.reward(cfg, name)) for _ in range(cfg.rewards.replicas)]
+                     for name in classes.reward_names},
+            learner=LocalHandle(classes.learner(cfg)),
         )
-    return _start_ray_roles(cfg)
+    return _start_ray_roles(cfg, classes)
 
 
 def _options(resources: Resources, name: str) -> dict:
@@ -52,7 +74,7 @@ def _options(resources: Resources, name: str) -> dict:
     return dict(name=name, num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, runtime_env={"env_vars": env})
 
 
-def _start_ray_roles(cfg: ExperimentConfig) -> Roles:
+def _start_ray_roles(cfg: ExperimentConfig, classes: RoleClasses) -> Roles:
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -62,15 +84,15 @@ def _start_ray_roles(cfg: ExperimentConfig) -> Roles:
     bundle = {k: v for k, v in {"CPU": learner_res.num_cpus, "GPU": learner_res.num_gpus}.items() if v > 0}
     group = placement_group([bundle or {"CPU": 0.01}], name="radrl-learner")
     ray.get(group.ready(), timeout=300)
-    learner = ray.remote(DDPOLearner).options(
+    learner = ray.remote(classes.learner).options(
         **_options(learner_res, "radrl-learner"),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
     ).remote(cfg)
-    workers = [ray.remote(RolloutWorker).options(**_options(cfg.rollout.resources, f"radrl-rollout-{i}")).remote(cfg, i)
+    workers = [ray.remote(classes.worker).options(**_options(cfg.rollout.resources, f"radrl-rollout-{i}")).remote(cfg, i)
                for i in range(cfg.rollout.num_workers)]
-    rewards = {name: [ray.remote(RewardScorer).options(**_options(cfg.rewards.resources, f"radrl-reward-{name}-{r}"))
+    rewards = {name: [ray.remote(classes.reward).options(**_options(cfg.rewards.resources, f"radrl-reward-{name}-{r}"))
                       .remote(cfg, name) for r in range(cfg.rewards.replicas)]
-               for name in REWARD_NAMES}
+               for name in classes.reward_names}
     cluster.placement_group = group
     return Roles(cluster, workers, rewards, learner)
 
@@ -93,9 +115,9 @@ class RayCluster:
                      include_dashboard=cfg.orchestration.dashboard, _node_ip_address="127.0.0.1",
                      configure_logging=False)
         self.placement_group = None
-        self.images = metrics.Counter("radrl_images_generated", "policy and anchor images sampled")
+        self.samples = metrics.Counter("radrl_samples_generated", "images (cxrl: policy and anchor) or reports (rrg) sampled")
         self.iteration = metrics.Gauge("radrl_iteration", "completed training iterations")
-        self.reward = metrics.Gauge("radrl_reward_total", "mean total reward of the last iteration")
+        self.reward = metrics.Gauge("radrl_reward_total", "mean reward of the last iteration")
         self.stage_seconds = metrics.Gauge("radrl_stage_seconds", "seconds per stage of the last iteration",
                                            tag_keys=("stage",))
 
@@ -105,9 +127,9 @@ class RayCluster:
     def put(self, value):
         return self.ray.put(value)
 
-    def record(self, iteration: int, images: int, reward: float, seconds: dict[str, float]) -> None:
+    def record(self, iteration: int, samples: int, reward: float, seconds: dict[str, float]) -> None:
         """Export one iteration's figures as Ray metrics (Ray dashboard / Prometheus)."""
-        self.images.inc(images)
+        self.samples.inc(samples)
         self.iteration.set(iteration)
         self.reward.set(reward)
         for stage, value in seconds.items():
@@ -124,5 +146,5 @@ class RayCluster:
 def required_cpus(cfg: ExperimentConfig) -> int:
     """Logical CPUs the roles ask for: a fresh local Ray gets at least this many so none waits forever."""
     total = (cfg.learner.resources.num_cpus + cfg.rollout.num_workers * cfg.rollout.resources.num_cpus
-             + len(REWARD_NAMES) * cfg.rewards.replicas * cfg.rewards.resources.num_cpus)
+             + len(role_classes(cfg).reward_names) * cfg.rewards.replicas * cfg.rewards.resources.num_cpus)
     return int(-(-total // 1))

@@ -8,24 +8,26 @@ import time
 from radrl.config import ExperimentConfig
 from radrl.orchestration.actors import start_roles
 from radrl.orchestration.driver import CXRLTrainer, format_results_table
+from radrl.orchestration import rrg_driver
 
 log = logging.getLogger("radrl")
 
 
 def run_training(cfg: ExperimentConfig, resume: bool = False) -> str:
-    """Train a CXRL config end to end; returns the start-vs-end results table (Markdown)."""
+    """Train a config end to end (CXRL, or LM-RRG's supervised + CQRL stages); returns the results table (Markdown)."""
     start = time.perf_counter()
     mode = "in-process" if cfg.orchestration.local else f"Ray ({cfg.orchestration.address or 'new local instance'})"
-    log.info("radrl train: %s, %d rollout worker(s), %d iterations × %d images, run folder %s",
+    unit = "images" if cfg.task == "cxrl" else "reports"
+    log.info("radrl train (%s): %s, %d rollout worker(s), %d iterations × %d %s, run folder %s", cfg.task,
              mode, cfg.rollout.num_workers, cfg.learner.iterations,
-             cfg.rollout.num_workers * cfg.rollout.batches_per_iteration * cfg.rollout.batch_size, cfg.logging.run_dir)
+             cfg.rollout.num_workers * cfg.rollout.batches_per_iteration * cfg.rollout.batch_size, unit, cfg.logging.run_dir)
     roles = start_roles(cfg)
     try:
-        trainer = CXRLTrainer(cfg, roles, resume=resume)
+        trainer = (CXRLTrainer if cfg.task == "cxrl" else rrg_driver.RRGTrainer)(cfg, roles, resume=resume)
         log.info("roles ready in %.0f s", time.perf_counter() - start)
         results = trainer.run()
     finally:
         roles.cluster.shutdown()
-    table = format_results_table(results)
+    table = format_results_table(results) if cfg.task == "cxrl" else rrg_driver.format_results_table(results)
     log.info("done in %.0f s; results, curves and grids in %s", time.perf_counter() - start, cfg.logging.run_dir)
     return table

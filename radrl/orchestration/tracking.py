@@ -20,6 +20,7 @@ TOTAL_KEY = "reward/total"
 WIN_RATE_KEY = "reward/win_rate_vs_anchor"
 TIMING_KEY = "timing/{stage}"
 THROUGHPUT_KEY = "throughput/images_per_s"
+CXRL_CURVES = (TOTAL_KEY, *(REWARD_KEY.format(name=n, who="rlcf") for n in ("align", "diag", "consist")))
 
 
 class RunTracker:
@@ -57,12 +58,11 @@ class RunTracker:
         plt.close(figure)
         return path
 
-    def write_reward_curves(self) -> Path:
-        """reward_curves.png: total reward and each RLCF component per iteration."""
+    def write_reward_curves(self, keys: tuple[str, ...] = CXRL_CURVES) -> Path:
+        """reward_curves.png: the given scalars (default: total reward and each RLCF component) per iteration."""
         history = self.history()
         path = self.run_dir / "reward_curves.png"
-        keys = [k for k in (TOTAL_KEY, *(REWARD_KEY.format(name=n, who="rlcf") for n in ("align", "diag", "consist")))
-                if history and k in history[0]]
+        keys = [k for k in keys if history and k in history[0]]
         figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
         steps = [h["iteration"] for h in history]
         for ax, key in zip(axes[0], keys):

@@ -1,0 +1,79 @@
+"""Report-generation metrics: NLG (BLEU-4, METEOR, ROUGE-L) and clinical efficacy (CE) via the labeler.
+
+- BLEU-4: nltk's corpus BLEU (uniform 4-gram weights, no smoothing) over RadCliQ's tokens
+  (lower case, '.' split off).
+- METEOR: nltk's METEOR with exact and Porter-stem matching. WordNet synonym matching is off:
+  nltk's WordNet data cannot be installed offline, so scores run slightly below METEOR 1.5's.
+- ROUGE-L: the rouge-score package (F-measure, Porter stemming).
+- CE precision / recall / F1: the project's labeler on generated and reference reports;
+  an observation counts as present when labelled POSITIVE; example-based (per report, then
+  averaged), and a report pair with no positives on either side scores 1.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from nltk.translate.bleu_score import corpus_bleu
+from nltk.translate.meteor_score import meteor_score
+from rouge_score import rouge_scorer
+
+from radrl.data.labeler import label_reports
+from radrl.data.observations import Label
+from radrl.reward_actors.radcliq import report_tokens
+
+
+class _NoWordNet:
+    """Stands in for nltk's WordNet reader: no synsets, so METEOR matches exact words and stems only."""
+
+    @staticmethod
+    def synsets(word, *args, **kwargs) -> list:
+        return []
+
+
+def bleu4(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-4 of the candidates against one reference each."""
+    with warnings.catch_warnings():  # nltk warns (and returns ~1e-155) when no 4-gram matches: that is 0
+        warnings.simplefilter("ignore")
+        score = corpus_bleu([[report_tokens(r)] for r in references], [report_tokens(c) for c in candidates])
+    return float(score) if score > 1e-12 else 0.0
+
+
+def sentence_bleu4(candidate: str, reference: str) -> float:
+    """BLEU-4 of one report (the 'BLEU-4 reward' of the LM-RRG ablation); 0 without a matching 4-gram."""
+    return bleu4([candidate], [reference])
+
+
+def meteor(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """Mean sentence METEOR (exact + stem matches)."""
+    return float(np.mean([meteor_score([report_tokens(r)], report_tokens(c), wordnet=_NoWordNet())
+                          for c, r in zip(candidates, references)]))
+
+
+def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(np.mean([scorer.score(r, c)["rougeL"].fmeasure for c, r in zip(candidates, references)]))
+
+
+def clinical_efficacy(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Example-based precision, recall and F1 of the 14 observations' POSITIVE labels."""
+    predicted = label_reports(list(candidates)) == Label.POSITIVE
+    truth = label_reports(list(references)) == Label.POSITIVE
+    hits = (predicted & truth).sum(axis=1)
+    n_pred, n_true = predicted.sum(axis=1), truth.sum(axis=1)
+    both_empty = (n_pred == 0) & (n_true == 0)
+    precision = np.where(both_empty, 1.0, hits / np.maximum(n_pred, 1))
+    recall = np.where(both_empty, 1.0, hits / np.maximum(n_true, 1))
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    return {"ce_precision": float(precision.mean()), "ce_recall": float(recall.mean()), "ce_f1": float(f1.mean())}
+
+
+def nlg_and_ce(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """BLEU-4, METEOR, ROUGE-L and CE precision / recall / F1 of generated reports."""
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError(f"need one generated report per reference, got {len(candidates)} for {len(references)}")
+    return {"bleu4": bleu4(candidates, references), "meteor": meteor(candidates, references),
+            "rouge_l": rouge_l(candidates, references), **clinical_efficacy(candidates, references)}

@@ -1,0 +1,43 @@
+"""LM-RRG's CQRL pieces that are plain math: the adaptive KL weight and the PPO loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def adaptive_lambda_kl(rewards: np.ndarray, theta: float) -> np.ndarray:
+    """λ_KL per report: 1 if reward ≥ θ else reward / θ (LM-RRG), clipped below at 0.
+
+    A report that already scores well stays close to the reference; a poor one may move further.
+    The clip at 0 is ours: a negative weight would reward drifting from the reference.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return np.where(rewards >= theta, 1.0, np.clip(rewards / theta, 0.0, 1.0))
+
+
+def ppo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor, mask: torch.Tensor,
+             advantages: torch.Tensor, lambda_kl: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict]:
+    """PPO with a per-sequence advantage and a KL penalty to the reference; token tensors [B, T], A and λ [B].
+
+    ρ_t = exp(log π_θ − log π_old)
+    policy term  = mean_b mean_t max(−A_b ρ_t, −A_b clip(ρ_t, 1 ± ε))
+    KL term      = mean_b λ_b mean_t k3_t,  k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1
+                   (an unbiased, non-negative estimate of KL(π_θ ‖ π_ref) on tokens sampled from π)
+    Every token of a report shares its report's advantage; means over a report's tokens keep
+    long reports from outweighing short ones.
+    """
+    tokens = mask.sum(dim=1).clamp(min=1)
+    ratio = torch.exp(log_probs - old_log_probs)
+    advantages = advantages.unsqueeze(1)
+    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    policy_loss = ((surrogate * mask).sum(dim=1) / tokens).mean()
+    log_ratio_ref = ref_log_probs - log_probs
+    k3 = (torch.exp(log_ratio_ref) - log_ratio_ref - 1) * mask
+    kl = k3.sum(dim=1) / tokens  # [B]
+    loss = policy_loss + (lambda_kl * kl).mean()
+    with torch.no_grad():
+        info = {"policy_loss": float(policy_loss), "kl": float(kl.mean()),
+                "clipfrac": float((((ratio - 1).abs() > clip_range).float() * mask).sum() / mask.sum().clamp(min=1)),
+                "approx_kl": float((0.5 * (log_probs - old_log_probs) ** 2 * mask).sum() / mask.sum().clamp(min=1))}
+    return loss, info

@@ -1,0 +1,211 @@
+"""The LM-RRG learner: the supervised stage, then CQRL (PPO with an adaptive KL to the reference).
+
+It owns the report policy and its optimizer. The supervised stage trains the visual extractor's
+region blocks, VTrans, the projection, the disease head and the decoder (or its LoRA); the RL
+stage trains only a fresh LoRA on the decoder, with the visual extractor frozen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from radrl.config import ExperimentConfig
+from radrl.data.pairs import ImageReportSet
+from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages
+from radrl.learner.ppo import adaptive_lambda_kl, ppo_loss
+from radrl.learner.state import load_optimizer, optimizer_tensors
+from radrl.models.diffusion_policy import PublishedWeights
+from radrl.models.report_generator import build_report_policy
+from radrl.rollout.report_worker import ReportTrajectory, concat_report_trajectories
+from radrl.rollout.worker import device_for
+
+
+class ReportLearner:
+    """Supervised training, then PPO updates of the RL LoRA; publishes weights for the rollout workers."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.device = device_for(cfg.learner.resources.num_gpus)
+        self.policy = build_report_policy(cfg, self.device)
+        self.optimizer = self._optimizer(self.policy.supervised_parameters(), cfg.learner.supervised_lr)
+        self.tracker = PerPromptStatTracker(cfg.learner.stat_buffer_size, cfg.learner.stat_min_count)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order
+        self.supervised_tensors: dict[str, torch.Tensor] | None = None  # kept after the stage, for checkpoints
+        self.version = 0
+
+    def _optimizer(self, parameters, lr: float) -> torch.optim.AdamW:
+        learner = self.cfg.learner
+        return torch.optim.AdamW(parameters, lr=lr, betas=learner.adam_betas, weight_decay=learner.weight_decay,
+                                 eps=learner.adam_eps)
+
+    # ------------------------------------------------------------------ supervised stage
+
+    def supervised_epoch(self, data: ImageReportSet, epoch: int) -> dict[str, float]:
+        """One pass over the training pairs in a seeded order: L_report + λ·L_disease, AdamW."""
+        self._require_stage("supervised")
+        self.policy.train()
+        generator = self.policy.generator
+        size = self.cfg.learner.supervised_batch_size
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(data))
+        totals: dict[str, list[float]] = {"loss": [], "report": [], "disease": [], "grad_norm": []}
+        for start in range(0, len(order), size):
+            batch = data.take(order[start:start + size])
+            images = torch.from_numpy(batch.images).to(self.device)
+            labels = torch.from_numpy(batch.labels).to(self.device)
+            loss, parts = generator.supervised_loss(images, list(batch.reports), labels,
+                                                    self.cfg.models.report_generator.disease_weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = self._clip_and_step(self.policy.supervised_parameters(), "supervised")
+            totals["loss"].append(float(loss.detach()))
+            totals["grad_norm"].append(grad_norm)
+            for key, value in parts.items():
+                totals[key].append(value)
+        self.policy.eval()
+        return {key: float(np.mean(values)) for key, values in totals.items()}
+
+    @torch.no_grad()
+    def validation_loss(self, data: ImageReportSet) -> dict[str, float]:
+        """Mean supervised losses on held-out pairs (no update)."""
+        generator, size = self.policy.generator, self.cfg.learner.supervised_batch_size
+        sums, count = {"report": 0.0, "disease": 0.0}, 0
+        for start in range(0, len(data), size):
+            batch = data.take(np.arange(start, min(start + size, len(data))))
+            _, parts = generator.supervised_loss(torch.from_numpy(batch.images).to(self.device), list(batch.reports),
+                                                 torch.from_numpy(batch.labels).to(self.device), 1.0)
+            for key in sums:
+                sums[key] += parts[key] * len(batch)
+            count += len(batch)
+        return {key: value / count for key, value in sums.items()}
+
+    @torch.no_grad()
+    def greedy(self, images: np.ndarray) -> list[str]:
+        """Greedy-decoded reports of the current model (validation during the supervised stage)."""
+        generator = self.policy.generator
+        prompts = generator.frozen_prompts(torch.from_numpy(np.asarray(images)).to(self.device))
+        return generator.decode(*generator.generate(prompts, greedy=True))
+
+    def start_rl(self) -> str:
+        """End the supervised stage: keep its tensors, merge them, add the RL LoRA and its optimizer."""
+        self._require_stage("supervised")
+        self.supervised_tensors = {k: v.detach().cpu().clone() for k, v in self.policy.supervised_state().items()}
+        self.policy.start_rl()
+        self.optimizer = self._optimizer(self.policy.rl_parameters(), self.cfg.learner.lr)
+        return self.policy.stage
+
+    def supervised_weights(self) -> PublishedWeights:
+        """The supervised stage's result, for the rollout workers (sent once per run)."""
+        self._require_stage("rl")
+        tensors = {k: v.numpy() for k, v in self.supervised_tensors.items()}
+        return PublishedWeights(-1, tensors)
+
+    def _require_stage(self, stage: str) -> None:
+        if self.policy.stage != stage:
+            raise RuntimeError(f"the learner is in its {self.policy.stage} stage, not {stage}")
+
+    # ------------------------------------------------------------------ RL stage
+
+    def publish(self) -> PublishedWeights:
+        """This version's RL LoRA tensors as numpy (adapter tensors only)."""
+        self._require_stage("rl")
+        return PublishedWeights(self.version, {k: v.cpu().numpy().copy() for k, v in self.policy.rl_state().items()})
+
+    def lambda_kl(self, rewards: np.ndarray) -> np.ndarray:
+        """Per-report KL weight: the adaptive rule, or learner.lambda_kl when adaptive_kl is off."""
+        learner = self.cfg.learner
+        if learner.adaptive_kl:
+            return adaptive_lambda_kl(rewards, learner.kl_threshold)
+        return np.full(len(rewards), learner.lambda_kl)
+
+    def update(self, rewards: np.ndarray, *trajectories: ReportTrajectory) -> dict[str, float]:
+        """One PPO round on this iteration's reports (rewards in the same order); bumps the version."""
+        self._require_stage("rl")
+        batch = concat_report_trajectories(list(trajectories))
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if rewards.shape != (len(batch.references),):
+            raise ValueError(f"{rewards.shape[0]} rewards for {len(batch.references)} reports")
+        behind = self.version - batch.weight_version
+        if not 0 <= behind <= self.cfg.orchestration.max_staleness:
+            raise ValueError(f"reports of weight version {batch.weight_version} given to the learner at version "
+                             f"{self.version} (orchestration.max_staleness = {self.cfg.orchestration.max_staleness})")
+        learner = self.cfg.learner
+        if learner.per_prompt_stats:
+            advantages = self.tracker.advantages(list(batch.references), rewards)
+        else:
+            advantages = batch_advantages(rewards)
+        advantages = torch.as_tensor(advantages, dtype=torch.float32, device=self.device).clamp(
+            -learner.adv_clip_max, learner.adv_clip_max)
+        lambda_kl = self.lambda_kl(rewards)
+        generator = self.policy.generator
+        tokens, mask = batch.tokens.to(self.device), batch.mask.to(self.device)
+        old, ref = batch.log_probs.to(self.device), batch.ref_log_probs.to(self.device)
+        with torch.no_grad():  # the visual extractor is frozen in this stage: its prompts are constants
+            prompts = generator.frozen_prompts(batch.images.to(self.device))
+        weights = torch.as_tensor(lambda_kl, dtype=torch.float32, device=self.device)
+        stats: dict[str, list[float]] = {}
+        for _ in range(learner.inner_epochs):
+            order = torch.randperm(len(rewards), generator=self.generator).to(self.device)
+            for start in range(0, len(order), learner.batch_size):
+                index = order[start:start + learner.batch_size]
+                log_probs = generator.token_log_probs(prompts[index], tokens[index], mask[index])
+                loss, info = ppo_loss(log_probs, old[index], ref[index], mask[index], advantages[index],
+                                      weights[index], learner.clip_range)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                info["grad_norm"] = self._clip_and_step(self.policy.rl_parameters(), "PPO")
+                info["loss"] = float(loss.detach())
+                for key, value in info.items():
+                    stats.setdefault(key, []).append(value)
+        self.version += 1
+        metrics = {key: float(np.mean(values)) for key, values in stats.items()}
+        metrics.update(lambda_kl=float(lambda_kl.mean()), advantage_abs=float(advantages.abs().mean()),
+                       weight_version=self.version)
+        return metrics
+
+    def _clip_and_step(self, parameters, what: str) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.cfg.learner.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"{what} gradient norm is {float(grad_norm)} at weight version {self.version}; "
+                                     "lower the learning rate (weights were not changed)")
+        self.optimizer.step()
+        return float(grad_norm)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able) of everything a resumed run needs."""
+        rl = self.policy.stage == "rl"
+        supervised = self.supervised_tensors if rl else self.policy.supervised_state()
+        tensors = {f"supervised/{k}": v.detach().cpu().clone() for k, v in supervised.items()}
+        if rl:
+            tensors.update({f"rl/{k}": v.detach().cpu().clone() for k, v in self.policy.rl_state().items()})
+        optimizer, param_groups = optimizer_tensors(self.optimizer)
+        tensors.update(optimizer)
+        tensors["rng/generator"] = self.generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        meta = {"stage": self.policy.stage, "weight_version": self.version, "optimizer_param_groups": param_groups,
+                "stat_buffers": {report: list(buffer) for report, buffer in self.tracker.buffers.items()}}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore what `state` returned (into a freshly built learner)."""
+        self._require_stage("supervised")
+        supervised = {k.removeprefix("supervised/"): v for k, v in tensors.items() if k.startswith("supervised/")}
+        if meta["stage"] == "rl":
+            self.supervised_tensors = supervised
+            self.policy.start_rl(supervised)
+            self.policy.load_rl_state({k.removeprefix("rl/"): v for k, v in tensors.items() if k.startswith("rl/")})
+            self.optimizer = self._optimizer(self.policy.rl_parameters(), self.cfg.learner.lr)
+        else:
+            with torch.no_grad():
+                own = dict(self.policy.generator.named_parameters())
+                for name, value in supervised.items():
+                    own[name].copy_(value)
+        load_optimizer(self.optimizer, tensors, meta["optimizer_param_groups"], self.device)
+        self.generator.set_state(tensors["rng/generator"])
+        torch.set_rng_state(tensors["rng/torch"])
+        for report, values in meta["stat_buffers"].items():
+            self.tracker.buffers[report].extend(values)
+        self.version = meta["weight_version"]

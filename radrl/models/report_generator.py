@@ -1,0 +1,317 @@
+"""The LM-RRG report generator: region-prompted visual extractor → VTrans → decoder LM.
+
+    patches F_I = CLIP image tower tokens                                   [B, N, D]
+    region text F_T^k = CLIP text tower on region k's prompt                [K, E]
+    3 × region block (per region k):                                        [B·K, N, D]
+        F_CA  = CA(LN(F_I), F_T^k) + F_I        query = image, key/value = region text
+        F_SA  = SA(LN(F_CA)) + F_CA
+        F_FFN = FFN(LN(F_SA)) + F_SA
+    F_region^k = mean over patches;  global = mean of F_I                   [B, 1 + K, D]
+    VTrans (3 layers, width D) → projection to the decoder's width          [B, 1 + K, H]
+    decoder input = [visual prompts, instruction, BOS] → report tokens
+
+The CLIP towers are frozen throughout. The supervised stage trains the region blocks, VTrans,
+the projection, the disease head and the decoder (fully, or through a LoRA that is merged
+when the stage ends); the RL stage trains a fresh LoRA on the decoder only, so "adapters off"
+is the supervised model: the frozen reference G_ref of CQRL, with no second copy.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from radrl.config import ExperimentConfig
+from radrl.data.observations import CHEXPERT_OBSERVATIONS
+from radrl.models.clip import ImageReportClip, build_clip
+from radrl.models.report_lm import DecoderLM, build_decoder
+
+# The 29 Chest ImaGenome regions, each with a descriptive sentence written for this project.
+REGION_PROMPTS: dict[str, str] = {
+    "right lung": "the right lung field on the left side of the image",
+    "right upper lung zone": "the upper zone of the right lung above the hilum",
+    "right mid lung zone": "the middle zone of the right lung at the level of the hilum",
+    "right lower lung zone": "the lower zone of the right lung above the diaphragm",
+    "right hilar structures": "the right hilum where the pulmonary vessels and bronchus enter the lung",
+    "right apical zone": "the apex of the right lung above the clavicle",
+    "right costophrenic angle": "the right costophrenic angle where the diaphragm meets the chest wall",
+    "right hemidiaphragm": "the dome of the right hemidiaphragm over the liver",
+    "left lung": "the left lung field on the right side of the image",
+    "left upper lung zone": "the upper zone of the left lung above the hilum",
+    "left mid lung zone": "the middle zone of the left lung at the level of the hilum",
+    "left lower lung zone": "the lower zone of the left lung behind the heart and above the diaphragm",
+    "left hilar structures": "the left hilum where the pulmonary vessels and bronchus enter the lung",
+    "left apical zone": "the apex of the left lung above the clavicle",
+    "left costophrenic angle": "the left costophrenic angle where the diaphragm meets the chest wall",
+    "left hemidiaphragm": "the dome of the left hemidiaphragm over the stomach bubble",
+    "trachea": "the trachea, the midline air column above the carina",
+    "spine": "the thoracic spine behind the mediastinum",
+    "right clavicle": "the right clavicle across the top of the right chest",
+    "left clavicle": "the left clavicle across the top of the left chest",
+    "aortic arch": "the aortic arch, the knob at the upper left border of the mediastinum",
+    "mediastinum": "the mediastinum, the central shadow between the lungs",
+    "upper mediastinum": "the upper mediastinum above the heart and around the trachea",
+    "svc": "the superior vena cava along the right upper border of the mediastinum",
+    "cardiac silhouette": "the cardiac silhouette, the outline and size of the heart",
+    "cavoatrial junction": "the cavoatrial junction where the superior vena cava meets the right atrium",
+    "right atrium": "the right atrium forming the right heart border",
+    "carina": "the carina where the trachea divides into the main bronchi",
+    "abdomen": "the upper abdomen below the diaphragm",
+}
+REGIONS = tuple(REGION_PROMPTS)
+
+
+class RegionBlock(nn.Module):
+    """Pre-norm residual block: patches attend to a region's text feature, then to each other, then an FFN."""
+
+    def __init__(self, width: int, text_width: int, heads: int):
+        super().__init__()
+        self.norm_ca, self.norm_sa, self.norm_ffn = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.cross = nn.MultiheadAttention(width, heads, kdim=text_width, vdim=text_width, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, patches: torch.Tensor, region_text: torch.Tensor) -> torch.Tensor:
+        """patches [M, N, D], region_text [M, 1, E] (one region per row) → [M, N, D]."""
+        x = patches
+        x = self.cross(self.norm_ca(x), region_text, region_text, need_weights=False)[0] + x
+        h = self.norm_sa(x)
+        x = self.self_attn(h, h, h, need_weights=False)[0] + x
+        return self.ffn(self.norm_ffn(x)) + x
+
+
+class VisualExtractor(nn.Module):
+    """Frozen CLIP features → [global, region_1..K] features of the image's width D."""
+
+    def __init__(self, clip: ImageReportClip, num_regions: int, num_blocks: int, region_grid: int = 0):
+        super().__init__()
+        self.region_grid = region_grid
+        if not 1 <= num_regions <= len(REGIONS):
+            raise ValueError(f"models.report_generator.num_regions must be 1..{len(REGIONS)}, got {num_regions}")
+        self.clip = clip.requires_grad_(False).eval()
+        width = clip.model.visual.transformer.width if hasattr(clip.model.visual, "transformer") else None
+        if width is None:
+            raise ValueError("the report generator needs a ViT image tower (patch tokens); this CLIP has none")
+        with torch.no_grad():  # the region prompts never change: encode them once
+            text = clip.encode_reports([REGION_PROMPTS[r] for r in REGIONS[:num_regions]])
+        self.register_buffer("region_text", text, persistent=False)  # [K, E]
+        heads = max(1, width // 64)
+        self.blocks = nn.ModuleList(RegionBlock(width, text.shape[-1], heads) for _ in range(num_blocks))
+        self.width, self.num_regions = width, num_regions
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1, H, W] in [0, 1] → [B, 1 + K, D]."""
+        with torch.no_grad():
+            patches = self.clip.patch_tokens(images)  # [B, N, D]
+        global_feature = patches.mean(dim=1, keepdim=True)
+        if self.region_grid:  # average-pool the patch grid first: region blocks cost K × (a ViT pass)
+            side = int(round(patches.shape[1] ** 0.5))
+            grid = patches.transpose(1, 2).reshape(len(patches), -1, side, side)
+            patches = F.adaptive_avg_pool2d(grid, self.region_grid).flatten(2).transpose(1, 2)
+        batch, count, width = patches.shape
+        k = self.num_regions
+        x = patches.unsqueeze(1).expand(batch, k, count, width).reshape(batch * k, count, width)
+        text = self.region_text.unsqueeze(0).expand(batch, k, -1).reshape(batch * k, 1, -1)
+        for block in self.blocks:
+            x = block(x, text)
+        regions = x.mean(dim=1).view(batch, k, width)
+        return torch.cat([global_feature, regions], dim=1)
+
+
+class ReportGenerator(nn.Module):
+    """Images → visual prompts → decoder LM; plus the disease head on the visual features."""
+
+    def __init__(self, clip: ImageReportClip, decoder: DecoderLM, num_regions: int, region_blocks: int,
+                 vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0):
+        super().__init__()
+        self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid)
+        width = self.extractor.width
+        layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.vtrans = nn.TransformerEncoder(layer, vtrans_layers, enable_nested_tensor=False)
+        hidden = decoder.model.get_input_embeddings().embedding_dim
+        self.project = nn.Linear(width, hidden)
+        self.disease_head = nn.Linear((1 + num_regions) * width, len(CHEXPERT_OBSERVATIONS))
+        self.decoder = decoder.model
+        self.tokenizer = decoder.tokenizer
+        ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
+        self.register_buffer("instruction_ids", torch.tensor(ids + [self.tokenizer.bos_token_id]), persistent=False)
+        self.max_new_tokens = max_new_tokens
+
+    # ------------------------------------------------------------------ features and prompts
+
+    def visual_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1, H, W] → VTrans([global, regions]) [B, 1 + K, D]."""
+        return self.vtrans(self.extractor(images))
+
+    @torch.no_grad()
+    def frozen_prompts(self, images: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings without gradient, computed once per distinct image (groups repeat images)."""
+        unique, inverse = torch.unique(images.flatten(1), dim=0, return_inverse=True)
+        prompts = self.prompt_embeddings(self.visual_features(unique.view(-1, *images.shape[1:])))
+        return prompts[inverse]
+
+    def prompt_embeddings(self, features: torch.Tensor) -> torch.Tensor:
+        """[visual prompts, instruction, BOS] as decoder input embeddings [B, P, H]."""
+        visual = self.project(features)
+        instruction = self.decoder.get_input_embeddings()(self.instruction_ids)
+        return torch.cat([visual, instruction.unsqueeze(0).expand(len(features), -1, -1)], dim=1)
+
+    def disease_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + K, D] → [B, 14] logits of the CheXpert observations."""
+        return self.disease_head(features.flatten(1))
+
+    # ------------------------------------------------------------------ text
+
+    def encode_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Report texts → (token ids [B, T] ending in EOS, padded; mask [B, T]); BOS is part of the prompt."""
+        if any(not r.strip() for r in reports):
+            raise ValueError("an empty report text reached the report generator; drop empty reports from the data")
+        encoded = self.tokenizer(reports, add_special_tokens=False, truncation=True,
+                                 max_length=self.max_new_tokens - 1)["input_ids"]
+        rows = [ids + [self.tokenizer.eos_token_id] for ids in encoded]
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1.0
+        device = self.instruction_ids.device
+        return tokens.to(device), mask.to(device)
+
+    def decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """Generated ids (EOS and padding masked or dropped) → report texts."""
+        eos = self.tokenizer.eos_token_id
+        return [self.tokenizer.decode([t for t, m in zip(row.tolist(), keep.tolist()) if m and t != eos],
+                                      skip_special_tokens=True).strip()
+                for row, keep in zip(tokens, mask)]
+
+    def token_log_probs(self, prompts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p(token_t | prompt, tokens_<t) for every report token, teacher-forced → [B, T] (0 where masked)."""
+        embeddings = torch.cat([prompts, self.decoder.get_input_embeddings()(tokens)], dim=1)
+        attention = torch.cat([torch.ones(prompts.shape[:2], device=mask.device), mask], dim=1)
+        logits = self.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
+        # the logit at position p predicts position p + 1: the report's tokens are predicted from P − 1 on
+        logits = logits[:, prompts.shape[1] - 1:-1].float()
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return log_probs * mask
+
+    @torch.no_grad()
+    def generate(self, prompts: torch.Tensor, greedy: bool, generator_seed: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From prompt embeddings [B, P, H]: sample (temperature 1, no top-k/top-p: the policy's own
+        distribution) or greedy-decode reports. Returns (tokens [B, T], mask [B, T]); the mask covers
+        the report and its EOS."""
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)  # transformers' sampler draws from the global generator
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        out = self.decoder.generate(
+            inputs_embeds=prompts, attention_mask=torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device),
+            max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None, temperature=None,
+            num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id,
+        )
+        tokens = out  # with inputs_embeds only, transformers returns just the new tokens
+        ended = (tokens == eos).long()
+        after_eos = (ended.cumsum(dim=1) - ended) > 0  # positions after the first EOS
+        mask = (~after_eos).float()
+        tokens = tokens.masked_fill(after_eos, pad)
+        return tokens, mask
+
+    # ------------------------------------------------------------------ supervised loss
+
+    def supervised_loss(self, images: torch.Tensor, reports: list[str], labels: torch.Tensor,
+                        disease_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = L_report (token cross-entropy) + λ · L_disease (BCE; uncertain / unmentioned labels masked)."""
+        features = self.visual_features(images)
+        tokens, mask = self.encode_reports(reports)
+        log_probs = self.token_log_probs(self.prompt_embeddings(features), tokens, mask)
+        report_loss = -log_probs.sum() / mask.sum()
+        # labels: CheXpert codes; POSITIVE → 1, NEGATIVE → 0, UNCERTAIN / NOT_MENTIONED left out
+        known = (labels == 0) | (labels == 1)
+        bce = F.binary_cross_entropy_with_logits(self.disease_logits(features), (labels == 1).float(), reduction="none")
+        disease_loss = (bce * known).sum() / known.sum().clamp(min=1)
+        loss = report_loss + disease_weight * disease_loss
+        return loss, {"report": float(report_loss.detach()), "disease": float(disease_loss.detach())}
+
+
+class ReportPolicy(nn.Module):
+    """The report generator through its two stages, with the RL LoRA and its reference (adapters off)."""
+
+    def __init__(self, generator: ReportGenerator, cfg: ExperimentConfig):
+        super().__init__()
+        self.generator = generator
+        self.cfg = cfg
+        self.stage = "supervised"
+        generator.extractor.clip.requires_grad_(False)
+        if cfg.models.report_generator.supervised_decoder == "lora":
+            generator.decoder = get_peft_model(generator.decoder, self._lora())
+
+    def _lora(self) -> LoraConfig:
+        learner = self.cfg.learner
+        return LoraConfig(r=learner.lora_rank, lora_alpha=learner.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(self.cfg.models.report_generator.decoder_lora_targets),
+                          init_lora_weights=True)
+
+    def supervised_parameters(self) -> list[nn.Parameter]:
+        """What the supervised stage trains (frozen CLIP excluded)."""
+        return [p for n, p in self.generator.named_parameters() if p.requires_grad and not n.startswith("extractor.clip")]
+
+    def supervised_state(self) -> dict[str, torch.Tensor]:
+        """The tensors the supervised stage trained, by name (broadcast once when the stage ends)."""
+        return {n: p.detach() for n, p in self.generator.named_parameters()
+                if p.requires_grad and not n.startswith("extractor.clip")}
+
+    @torch.no_grad()
+    def start_rl(self, supervised: dict | None = None) -> None:
+        """Install the supervised tensors (if given), merge a supervised LoRA, freeze all, add the RL LoRA."""
+        if self.stage == "rl":
+            raise RuntimeError("the RL stage has already started")
+        if supervised is not None:
+            _copy_into(self.generator, supervised, set(self.supervised_state()), "supervised state")
+        if self.cfg.models.report_generator.supervised_decoder == "lora":
+            self.generator.decoder = self.generator.decoder.merge_and_unload()
+        self.generator.requires_grad_(False)
+        self.generator.decoder = get_peft_model(self.generator.decoder, self._lora())
+        self.stage = "rl"
+
+    def rl_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.generator.decoder.named_parameters() if "lora_" in n]
+
+    def rl_state(self) -> dict[str, torch.Tensor]:
+        """The RL LoRA tensors: what the learner broadcasts each version."""
+        return {n: p.detach() for n, p in self.generator.decoder.named_parameters() if "lora_" in n}
+
+    @torch.no_grad()
+    def load_rl_state(self, state: dict) -> None:
+        _copy_into(self.generator.decoder, state, set(self.rl_state()), "RL LoRA")
+
+    @contextmanager
+    def reference(self):
+        """The frozen reference G_ref: the supervised model (RL LoRA disabled)."""
+        with self.generator.decoder.disable_adapter():
+            yield
+
+
+def _copy_into(module: nn.Module, state: dict, expected: set[str], what: str) -> None:
+    """Copy named tensors (numpy or torch) into `module`; the names must be exactly `expected`."""
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{what} does not match this model (different config?): missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    own = dict(module.named_parameters())
+    for name, value in state.items():
+        # arrays from Ray's object store are read-only views: copy before wrapping
+        own[name].copy_(torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value)
+
+
+def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
+    """The config's report generator (seeded: every copy starts identical), in its supervised stage."""
+    torch.manual_seed(cfg.seed)
+    rg = cfg.models.report_generator
+    generator = ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
+                                rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid)
+    return ReportPolicy(generator, cfg).to(device)

@@ -1,0 +1,315 @@
+"""The LM-RRG driver: the supervised stage, then CQRL, on the same roles and broadcast as CXRL.
+
+    supervised:  for each epoch: learner trains on image–report pairs → validation loss + NLG → checkpoint
+    hand-over:   learner merges the supervised weights; workers receive them once; RL LoRA version 0
+    CQRL:        for each iteration: 1 sample reports → 2 score (RadCliQ) → 3 PPO update → 4 broadcast → log
+
+Evaluation (after the supervised stage and at the end) greedy-decodes the held-out images and
+reports BLEU-4, METEOR, ROUGE-L, CE precision/recall/F1 and RadCliQ v0/v1 with backend names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from radrl.config import ExperimentConfig
+from radrl.data.embedded import stable_seed
+from radrl.data.pairs import image_report_pairs
+from radrl.data.report_pool import iteration_reports
+from radrl.eval.text_metrics import nlg_and_ce
+from radrl.orchestration.actors import Roles
+from radrl.orchestration.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from radrl.orchestration.driver import RunFailed, StageTimer, check_resumable, check_staleness
+from radrl.orchestration.tracking import TIMING_KEY, RunTracker
+from radrl.reward_actors.radcliq import FEATURES
+
+log = logging.getLogger("radrl")
+
+REWARD = "reward/{name}"  # the training reward (higher is better)
+CURVES = ("reward/radcliq", "reward/bleu4", "radcliq/v1", "radcliq/v0", "ppo/kl", "ppo/lambda_kl")
+METRICS = ("bleu4", "meteor", "rouge_l", "ce_precision", "ce_recall", "ce_f1", "radcliq_v0", "radcliq_v1", *FEATURES)
+SAMPLE_REPORTS = 5  # held-out examples written to samples.md
+
+
+class RRGTrainer:
+    """Owns the two-stage loop and the run folder; the roles own the models."""
+
+    def __init__(self, cfg: ExperimentConfig, roles: Roles, resume: bool = False):
+        self.cfg, self.roles = cfg, roles
+        self.get, self.put = roles.cluster.get, roles.cluster.put
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.reward_name = cfg.rewards.rrg_reward
+        self.reward_actors = roles.rewards[self.reward_name]
+        train = image_report_pairs(cfg.data, "train", cfg.data.n_train)
+        self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
+        self.train_size = len(train)
+        self.train_images, self.train_reports = train.images, train.reports
+        self.train_ref = self.put(train)  # one copy in the object store for the learner's supervised epochs
+        self.per_iteration = cfg.rollout.num_workers * cfg.rollout.batches_per_iteration * cfg.rollout.batch_size
+        self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
+        self.supervised_evaluation = None
+        self.weight_version = -1
+        if resume:
+            self.restore()
+        self.tracker = RunTracker(self.run_dir, purge_step=self.iteration + 1 if resume else None)
+        self.supervised_tracker = RunTracker(self.run_dir / "supervised",
+                                             purge_step=self.epochs_done + 1 if resume else None)
+
+    # ------------------------------------------------------------------ the loop
+
+    def supervised_epoch(self) -> dict[str, float]:
+        """One supervised epoch on the learner, then validation loss and NLG metrics on held-out images."""
+        start = time.perf_counter()
+        learner = self.roles.learner
+        train = self.get(learner.supervised_epoch.remote(self.train_ref, self.epochs_done))
+        validation = self.get(learner.validation_loss.remote(self.eval_set))
+        texts = self.get(learner.greedy.remote(self.eval_set.images))
+        self.epochs_done += 1
+        scalars = {f"supervised/train_{k}": v for k, v in train.items()}
+        scalars.update({f"supervised/val_{k}": v for k, v in validation.items()})
+        scalars.update({f"supervised/{k}": v for k, v in nlg_and_ce(texts, list(self.eval_set.reports)).items()})
+        scalars["timing/epoch"] = time.perf_counter() - start
+        return scalars
+
+    def train_step(self) -> dict[str, float]:
+        """One CQRL iteration: sample → score → PPO update → broadcast. Returns its scalars."""
+        cfg, timer, start = self.cfg, StageTimer(), time.perf_counter()
+        index = iteration_reports(list(range(self.train_size)), self.per_iteration, cfg.seed, self.iteration,
+                                  cfg.rollout.samples_per_report)
+
+        with timer("sample"):  # 1. reports with policy and reference token log-probs
+            trajectories, rollouts = self.sample(index)
+        check_staleness([r.weight_version for r in rollouts], self.weight_version, cfg.orchestration.max_staleness)
+
+        with timer("score"):  # 2. RadCliQ (or BLEU-4) against the ground truth, reward actors in parallel
+            scored = self.get([self.reward_actors[k % len(self.reward_actors)].score.remote(r)
+                               for k, r in enumerate(rollouts)])
+        rewards = np.concatenate([s.rewards for s in scored])
+
+        with timer("update"):  # 3. PPO with the adaptive KL on the learner
+            update = self.get(self.roles.learner.update.remote(rewards, *trajectories))
+
+        with timer("broadcast"):  # 4. the new RL LoRA to every worker
+            self.weight_version = self.broadcast()
+
+        self.iteration += 1
+        return self.iteration_scalars(rollouts, scored, rewards, update, timer.seconds, time.perf_counter() - start)
+
+    def run(self) -> dict:
+        """Supervised epochs, then CQRL iterations (from a resumed checkpoint if any); returns both evaluations."""
+        cfg, stage = self.cfg, "supervised"
+        try:
+            while self.epochs_done < cfg.learner.supervised_epochs:
+                scalars = self.supervised_epoch()
+                self.supervised_tracker.log_scalars(self.epochs_done, scalars)
+                log.info(format_epoch(self.epochs_done, cfg.learner.supervised_epochs, scalars))
+                self.checkpoint()
+            stage = "hand-over"
+            if self.weight_version < 0:
+                self.start_rl()
+            if self.supervised_evaluation is None:
+                stage = "evaluate"
+                self.supervised_evaluation = self.evaluate()
+                log.info("after the supervised stage (held-out, %d images): %s", len(self.eval_set),
+                         format_brief(self.supervised_evaluation))
+                self.checkpoint()
+            while self.iteration < cfg.learner.iterations:
+                stage = "train"
+                scalars = self.train_step()
+                stage = "log"
+                self.tracker.log_scalars(self.iteration, scalars)
+                self.roles.cluster.record(self.iteration, int(scalars["rollout/reports"]),
+                                          scalars[REWARD.format(name=self.reward_name)],
+                                          {k.split("/", 1)[1]: v for k, v in scalars.items() if k.startswith("timing/")})
+                log.info(format_progress(self.iteration, cfg.learner.iterations, scalars, self.reward_name))
+                if self.iteration % cfg.logging.checkpoint_every == 0:
+                    self.checkpoint()
+            stage = "evaluate"
+            end = self.evaluate()
+        except Exception as error:
+            raise RunFailed(self.failure_message(error, stage)) from error
+        if self.last_checkpoint != (self.epochs_done, self.iteration):
+            self.checkpoint()
+        results = {"task": "rrg", "iterations": self.iteration, "supervised_epochs": self.epochs_done,
+                   "weight_version": self.weight_version, "reward": self.reward_name,
+                   "backends": self.get(self.reward_actors[0].backend_names.remote()),
+                   "supervised": self.supervised_evaluation, "cqrl": end}
+        self.write_results(results)
+        return results
+
+    # ------------------------------------------------------------------ stages
+
+    def start_rl(self) -> None:
+        """Hand-over: the learner merges the supervised weights and starts its RL LoRA; every worker gets both."""
+        learner = self.roles.learner
+        self.get(learner.start_rl.remote())
+        self.send_supervised()
+        self.weight_version = self.broadcast()
+
+    def send_supervised(self) -> None:
+        ref = self.put(self.get(self.roles.learner.supervised_weights.remote()))
+        stages = self.get([worker.load_supervised.remote(ref) for worker in self.roles.workers])
+        if any(stage != "rl" for stage in stages):
+            raise RuntimeError(f"workers report stages {stages} after the supervised hand-over")
+
+    def sample(self, index: list[int]):
+        """Split the iteration's images into batches over the workers → (trajectory refs, rollouts)."""
+        cfg = self.cfg
+        size = cfg.rollout.batch_size
+        calls = []
+        for k, start in enumerate(range(0, len(index), size)):
+            chosen = index[start:start + size]
+            worker = self.roles.workers[k % len(self.roles.workers)]
+            calls.append(worker.sample.options(num_returns=2).remote(
+                self.train_images[chosen], [self.train_reports[i] for i in chosen],
+                stable_seed("train", cfg.seed, self.iteration, k)))
+        return [t for t, _ in calls], self.get([r for _, r in calls])
+
+    def broadcast(self) -> int:
+        """Fetch the learner's newest RL LoRA, put it in the object store once, load it on every worker."""
+        published = self.get(self.roles.learner.publish.remote())
+        ref = self.put(published)
+        held = self.get([worker.load_weights.remote(ref) for worker in self.roles.workers])
+        if any(version != published.version for version in held):
+            raise RuntimeError(f"workers hold weight versions {held} after broadcasting {published.version}")
+        self.broadcast_bytes = published.nbytes
+        return published.version
+
+    def evaluate(self) -> dict:
+        """Greedy reports of the current policy on the held-out images: NLG, CE and RadCliQ (per report kept)."""
+        images, references = self.eval_set.images, list(self.eval_set.reports)
+        workers, size = self.roles.workers, self.cfg.rollout.batch_size
+        parts = self.get([workers[k % len(workers)].greedy.remote(images[s:s + size])
+                          for k, s in enumerate(range(0, len(images), size))])
+        texts = [t for part in parts for t in part]
+        scores = self.get(self.reward_actors[0].evaluate.remote(texts, references))
+        summary = nlg_and_ce(texts, references)
+        summary.update({name: float(np.mean(values)) for name, values in scores.items()})
+        summary["per_report"] = {f"radcliq_{v}": scores[f"radcliq_{v}"].tolist() for v in ("v0", "v1")}
+        summary["samples"] = texts[:SAMPLE_REPORTS]
+        return summary
+
+    def iteration_scalars(self, rollouts, scored, rewards, update, seconds, wall) -> dict[str, float]:
+        scalars = {REWARD.format(name=self.reward_name): float(rewards.mean())}
+        for name in ("radcliq_v0", "radcliq_v1", *FEATURES):
+            values = np.concatenate([s.scores[name] for s in scored])
+            scalars[f"radcliq/{name.removeprefix('radcliq_')}"] = float(values.mean())
+        lengths = [len(text.split()) for r in rollouts for text in r.reports]
+        scalars["rollout/words_per_report"] = float(np.mean(lengths))
+        scalars["rollout/empty_reports"] = float(sum(n == 0 for n in lengths))
+        scalars.update({f"ppo/{k}": v for k, v in update.items() if k != "weight_version"})
+        reports = sum(len(r.reports) for r in rollouts)
+        scalars["rollout/reports"] = float(reports)
+        scalars["throughput/reports_per_s"] = reports / wall
+        scalars["broadcast/bytes"] = float(self.broadcast_bytes)
+        for stage, value in seconds.items():
+            scalars[TIMING_KEY.format(stage=stage)] = value
+        scalars[TIMING_KEY.format(stage="reward_" + self.reward_name)] = sum(s.seconds for s in scored)
+        for who in ("policy", "reference"):
+            scalars[TIMING_KEY.format(stage=f"rollout_{who}")] = sum(r.seconds[who] for r in rollouts)
+        scalars["timing/iteration"] = wall
+        return scalars
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> Path:
+        tensors, learner_state = self.get(self.roles.learner.state.remote())
+        state = {"epochs_done": self.epochs_done, "iteration": self.iteration, "weight_version": self.weight_version,
+                 "learner": learner_state, "supervised_evaluation": self.supervised_evaluation,
+                 "config": self.cfg.model_dump(mode="json")}
+        # folders are numbered by steps done: supervised epochs, the hand-over evaluation, then iterations
+        step = self.epochs_done + (self.supervised_evaluation is not None) + self.iteration
+        folder = save_checkpoint(self.run_dir, step, tensors, state)
+        self.last_checkpoint = (self.epochs_done, self.iteration)
+        return folder
+
+    def restore(self) -> None:
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; "
+                                    "start without --resume (or point logging.run_dir at the run to continue)")
+        tensors, state = load_checkpoint(folder)
+        check_resumable(state["config"], self.cfg.model_dump(mode="json"))
+        self.get(self.roles.learner.load_state.remote(tensors, state["learner"]))
+        self.epochs_done, self.iteration = state["epochs_done"], state["iteration"]
+        self.supervised_evaluation = state["supervised_evaluation"]
+        self.last_checkpoint = (self.epochs_done, self.iteration)
+        if state["learner"]["stage"] == "rl":
+            self.send_supervised()
+            self.weight_version = self.broadcast()
+        log.info("resumed from %s (supervised epoch %d, iteration %d)", folder, self.epochs_done, self.iteration)
+
+    def failure_message(self, error: Exception, stage: str) -> str:
+        latest = latest_checkpoint(self.run_dir)
+        resume = f"rerun with --resume to continue from {latest.name}" if latest else "no checkpoint was written yet"
+        return (f"training stopped at supervised epoch {self.epochs_done}, iteration {self.iteration} during {stage}: "
+                f"{type(error).__name__}: {error}. Fix the cause, then {resume}.")
+
+    # ------------------------------------------------------------------ results
+
+    def write_results(self, results: dict) -> None:
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        (self.run_dir / "results.md").write_text(format_results_table(results) + "\n\n" + format_samples(
+            results, list(self.eval_set.reports)) + "\n")
+        self.tracker.write_reward_curves(tuple(k for k in CURVES if k != REWARD.format(name="bleu4")
+                                               or self.reward_name == "bleu4"))
+        self.tracker.close()
+        self.supervised_tracker.close()
+
+
+def paired_se(before: list[float], after: list[float]) -> float:
+    """Standard error of the mean per-report difference (the same held-out images before and after)."""
+    difference = np.asarray(after) - np.asarray(before)
+    return float(difference.std(ddof=1) / np.sqrt(len(difference)))
+
+
+def format_brief(summary: dict) -> str:
+    return "  ".join(f"{k} {summary[k]:.3f}" for k in ("bleu4", "meteor", "rouge_l", "ce_f1", "radcliq_v0", "radcliq_v1"))
+
+
+def format_epoch(epoch: int, total: int, scalars: dict) -> str:
+    return (f"supervised epoch {epoch}/{total}  train loss {scalars['supervised/train_loss']:.3f}  "
+            f"val report {scalars['supervised/val_report']:.3f}  val disease {scalars['supervised/val_disease']:.3f}  "
+            f"BLEU-4 {scalars['supervised/bleu4']:.3f}  CE F1 {scalars['supervised/ce_f1']:.3f}  "
+            f"{scalars['timing/epoch']:.0f} s")
+
+
+def format_progress(iteration: int, total: int, scalars: dict, reward_name: str) -> str:
+    return (f"iter {iteration:>4}/{total}  reward {scalars[REWARD.format(name=reward_name)]:+.4f}  "
+            f"RadCliQ-v1 {scalars['radcliq/v1']:.3f}  kl {scalars['ppo/kl']:.2e}  λ_KL {scalars['ppo/lambda_kl']:.2f}  "
+            f"clip {scalars['ppo/clipfrac']:.2f}  {scalars['rollout/words_per_report']:.0f} words  "
+            f"{scalars['throughput/reports_per_s']:.1f} reports/s  {scalars['timing/iteration']:.1f} s")
+
+
+LABELS = {"bleu4": "BLEU-4", "meteor": "METEOR (exact+stem)", "rouge_l": "ROUGE-L", "ce_precision": "CE precision",
+          "ce_recall": "CE recall", "ce_f1": "CE F1", "radcliq_v0": "RadCliQ v0 ↓", "radcliq_v1": "RadCliQ v1 ↓"}
+
+
+def format_results_table(results: dict) -> str:
+    """Markdown: each metric after the supervised stage and after CQRL (held-out images, greedy decoding)."""
+    before, after, names = results["supervised"], results["cqrl"], results["backends"]
+    lines = [f"| held-out, greedy ({len(before['per_report']['radcliq_v1'])} images) | supervised | after CQRL "
+             f"({results['reward']} reward) | change (± paired s.e.) |", "|---|---|---|---|"]
+    for key in METRICS:
+        label = LABELS[key] if key in LABELS else f"RadCliQ feature: {names[key]}"
+        change = f"{after[key] - before[key]:+.4f}"
+        if key in ("radcliq_v0", "radcliq_v1"):
+            change += f" ± {paired_se(before['per_report'][key], after['per_report'][key]):.4f}"
+        lines.append(f"| {label} | {before[key]:.4f} | {after[key]:.4f} | {change} |")
+    lines.append("")
+    lines.append("RadCliQ backends: " + "; ".join(f"{k} = {v}" for k, v in names.items())
+                 + (". Offline stand-ins, not the official RadCliQ." if "rule" in names["radgraph"] else "."))
+    return "\n".join(lines)
+
+
+def format_samples(results: dict, references: list[str]) -> str:
+    """The first held-out reports: reference, supervised model, after CQRL."""
+    lines = ["## Samples (held-out, greedy)"]
+    for i, (before, after) in enumerate(zip(results["supervised"]["samples"], results["cqrl"]["samples"])):
+        lines += [f"### {i + 1}", f"- reference: {references[i]}", f"- supervised: {before}", f"- after CQRL: {after}"]
+    return "\n".join(lines)
