@@ -22,7 +22,7 @@ from rouge_score import rouge_scorer
 
 from radrl.data.labeler import label_reports
 from radrl.data.observations import Label
-from radrl.reward_actors.radcliq import report_tokens
+from radrl.reward_actors.radcliq import generated_labels, report_tokens
 
 
 class _NoWordNet:
@@ -60,7 +60,7 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
 
 def clinical_efficacy(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Example-based precision, recall and F1 of the 14 observations' POSITIVE labels."""
-    predicted = label_reports(list(candidates)) == Label.POSITIVE
+    predicted = generated_labels(candidates) == Label.POSITIVE
     truth = label_reports(list(references)) == Label.POSITIVE
     hits = (predicted & truth).sum(axis=1)
     n_pred, n_true = predicted.sum(axis=1), truth.sum(axis=1)

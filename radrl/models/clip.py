@@ -75,6 +75,11 @@ class ImageReportClip(nn.Module):
     def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """ViT patch features F_I [B, N, width] (before the projection), for the report generator."""
         visual = self.model.visual
+        if hasattr(visual, "trunk"):  # a timm tower (BiomedCLIP): its features minus the class/prefix tokens
+            return visual.trunk.forward_features(self._prepare(images))[:, visual.trunk.num_prefix_tokens:]
+        if not hasattr(visual, "output_tokens"):
+            raise ValueError(f"the CLIP image tower {type(visual).__name__} gives no patch tokens; "
+                             "the report generator needs a ViT tower (e.g. BiomedCLIP)")
         visual.output_tokens = True
         try:
             _, tokens = visual(self._prepare(images))

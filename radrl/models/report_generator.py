@@ -94,10 +94,8 @@ class VisualExtractor(nn.Module):
         if not 1 <= num_regions <= len(REGIONS):
             raise ValueError(f"models.report_generator.num_regions must be 1..{len(REGIONS)}, got {num_regions}")
         self.clip = clip.requires_grad_(False).eval()
-        width = clip.model.visual.transformer.width if hasattr(clip.model.visual, "transformer") else None
-        if width is None:
-            raise ValueError("the report generator needs a ViT image tower (patch tokens); this CLIP has none")
-        with torch.no_grad():  # the region prompts never change: encode them once
+        with torch.no_grad():  # the width of the patch features, and the region prompts (encoded once: they never change)
+            width = clip.patch_tokens(torch.zeros(1, 1, clip.image_size, clip.image_size)).shape[-1]
             text = clip.encode_reports([REGION_PROMPTS[r] for r in REGIONS[:num_regions]])
         self.register_buffer("region_text", text, persistent=False)  # [K, E]
         heads = max(1, width // 64)

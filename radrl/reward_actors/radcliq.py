@@ -34,6 +34,7 @@ from nltk.translate.bleu_score import sentence_bleu
 
 from radrl.config import RewardsConfig
 from radrl.data.labeler import label_reports
+from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 
 FEATURES = ("radgraph", "bertscore", "chexbert", "bleu2")
 
@@ -76,10 +77,19 @@ def bleu2(candidate: str, reference: str) -> float:
 # ---------------------------------------------------------------- CheXbert stand-in
 
 
+def generated_labels(texts: Sequence[str]) -> np.ndarray:
+    """Labeler codes [N, 14] of generated reports; an empty one (the model stopped at once) mentions nothing."""
+    labels = np.full((len(texts), len(CHEXPERT_OBSERVATIONS)), Label.NOT_MENTIONED, dtype=np.int8)
+    written = [i for i, text in enumerate(texts) if text.strip()]
+    if written:
+        labels[written] = label_reports([texts[i] for i in written])
+    return labels
+
+
 def label_agreement(candidates: Sequence[str], references: Sequence[str]) -> np.ndarray:
     """Cosine of one-hot (observation × status) vectors from the labeler = share of the 14 observations
     whose status (positive / negative / uncertain / not mentioned) is the same in both reports."""
-    return (label_reports(list(candidates)) == label_reports(list(references))).mean(axis=1)
+    return (generated_labels(candidates) == label_reports(list(references))).mean(axis=1)
 
 
 # ---------------------------------------------------------------- RadGraph stand-in

@@ -1,0 +1,38 @@
+"""CQRL's math: the adaptive λ_KL rule and the PPO loss with its KL term."""
+
+import numpy as np
+import pytest
+import torch
+
+from radrl.learner.ppo import adaptive_lambda_kl, ppo_loss
+
+
+def test_adaptive_lambda_kl_rule():
+    # λ = 1 at or above θ, reward/θ below it, never negative
+    assert adaptive_lambda_kl(np.array([2.0, 1.0, 0.5, 0.0, -0.3]), theta=1.0) == pytest.approx([1, 1, 0.5, 0, 0])
+    assert adaptive_lambda_kl(np.array([0.3]), theta=0.6) == pytest.approx([0.5])
+
+
+def test_ppo_loss_on_policy_is_minus_the_advantage_and_kl_vanishes_at_the_reference():
+    log_probs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    advantages = torch.tensor([1.0, -3.0])
+    loss, info = ppo_loss(log_probs, log_probs, log_probs, mask, advantages, torch.ones(2), clip_range=0.2)
+    assert float(loss) == pytest.approx(np.mean([-1.0, 3.0]))  # ratio 1 everywhere: mean_b(−A_b)
+    assert info["kl"] == 0.0 and info["clipfrac"] == 0.0
+
+
+def test_ppo_kl_term_hand_computed():
+    # one token, log π_ref − log π = ln 2: k3 = 2 − ln 2 − 1
+    log_probs, ref = torch.tensor([[-1.0]]), torch.tensor([[-1.0 + np.log(2.0)]])
+    loss, info = ppo_loss(log_probs, log_probs, ref, torch.ones(1, 1), torch.zeros(1), torch.tensor([0.5]), 0.2)
+    assert info["kl"] == pytest.approx(1 - np.log(2.0))
+    assert float(loss) == pytest.approx(0.5 * (1 - np.log(2.0)))
+
+
+def test_ppo_ratio_is_clipped_for_positive_advantages():
+    old = torch.zeros(1, 1)
+    new = torch.log(torch.tensor([[1.5]]))  # ratio 1.5 > 1 + ε
+    loss, info = ppo_loss(new, old, new, torch.ones(1, 1), torch.tensor([2.0]), torch.zeros(1), clip_range=0.2)
+    assert float(loss) == pytest.approx(-2.0 * 1.2)
+    assert info["clipfrac"] == 1.0

@@ -1,0 +1,113 @@
+"""The LM-RRG model on the shipped tiny CLIP and report LM: shapes, region prompts, log-probs, stages."""
+
+import numpy as np
+import pytest
+import torch
+
+from radrl.config import load_config
+from radrl.learner.ppo_learner import ReportLearner
+from radrl.models.report_generator import REGION_PROMPTS, RegionBlock, build_report_policy
+from radrl.rollout.report_worker import ReportRolloutWorker
+
+REPORTS = ["Heart size is normal. No pleural effusion or pneumothorax.", "Moderate cardiomegaly. Small left effusion.",
+           "The lungs are clear.", "Right upper lobe consolidation."]
+
+
+def config(**overrides):
+    settings = {"task": "rrg", "models.report_generator.region_grid": 2, "models.report_generator.max_new_tokens": 24,
+                "rollout.batch_size": 4, "learner.batch_size": 4, "learner.stat_buffer_size": 4,
+                "learner.stat_min_count": 4, "learner.clip_range": 0.2, "learner.lora_rank": 4}
+    settings.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in settings.items()])
+
+
+def images(n=4, seed=0):
+    return torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_29_chest_imagenome_regions_each_with_its_own_prompt():
+    assert len(REGION_PROMPTS) == 29 and len(set(REGION_PROMPTS.values())) == 29
+
+
+def test_region_block_keeps_shapes_and_depends_on_the_region_text():
+    torch.manual_seed(0)
+    block = RegionBlock(width=32, text_width=16, heads=2)
+    patches = torch.randn(3, 10, 32)
+    out_a, out_b = block(patches, torch.randn(3, 1, 16)), block(patches, torch.randn(3, 1, 16))
+    assert out_a.shape == (3, 10, 32)
+    assert not torch.allclose(out_a, out_b)
+
+
+def test_visual_features_one_global_and_one_per_region_and_regions_differ_by_prompt():
+    generator = build_report_policy(config(), "cpu").generator
+    features = generator.extractor(images(2))
+    assert features.shape == (2, 1 + 29, generator.extractor.width)
+    regions = features[0, 1:]
+    assert torch.cdist(regions, regions).fill_diagonal_(1.0).min() > 1e-3  # every region's feature is its own
+    prompts = generator.prompt_embeddings(generator.visual_features(images(2)))
+    instruction = len(generator.instruction_ids)
+    assert prompts.shape == (2, 30 + instruction, generator.decoder.get_input_embeddings().embedding_dim)
+
+
+def test_recomputed_token_log_probs_equal_the_sampled_ones():
+    worker = ReportRolloutWorker(config())
+    learner = ReportLearner(config())
+    learner.start_rl()
+    worker.load_supervised(learner.supervised_weights())
+    worker.load_weights(learner.publish())
+    trajectory, rollout = worker.sample(images().numpy(), REPORTS, seed=3)
+    assert len(rollout.reports) == 4 and trajectory.weight_version == 0
+    generator = learner.policy.generator
+    with torch.no_grad():
+        again = generator.token_log_probs(generator.frozen_prompts(trajectory.images), trajectory.tokens, trajectory.mask)
+    assert torch.allclose((again - trajectory.log_probs).exp(), torch.ones_like(again), atol=1e-4)
+    # a fresh RL LoRA starts at zero: the policy is the reference
+    assert torch.allclose(trajectory.log_probs, trajectory.ref_log_probs, atol=1e-5)
+
+
+def test_supervised_stage_lowers_the_report_loss_on_pairs_it_sees():
+    from radrl.data.pairs import ImageReportSet
+    from radrl.data.labeler import label_reports
+
+    learner = ReportLearner(config(**{"learner.supervised_batch_size": 4, "learner.supervised_lr": 1e-3}))
+    data = ImageReportSet(images().numpy(), tuple(REPORTS), label_reports(REPORTS))
+    before = learner.validation_loss(data)["report"]
+    for epoch in range(8):
+        learner.supervised_epoch(data, epoch)
+    assert learner.validation_loss(data)["report"] < before - 0.5
+
+
+def test_ppo_update_changes_only_the_rl_lora():
+    cfg = config()
+    learner = ReportLearner(cfg)
+    learner.start_rl()
+    worker = ReportRolloutWorker(cfg)
+    worker.load_supervised(learner.supervised_weights())
+    worker.load_weights(learner.publish())
+    before = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, seed=0)
+    metrics = learner.update(np.array([1.0, 0.0, 0.5, 2.0]), trajectory)
+    assert metrics["weight_version"] == 1 and np.isfinite(metrics["loss"])
+    changed = {n for n, p in learner.policy.named_parameters() if not torch.equal(p, before[n])}
+    assert any("lora_B" in n for n in changed) and all("lora_" in n for n in changed)
+
+
+def test_learner_refuses_stale_reports_and_a_wrong_number_of_rewards():
+    cfg = config()
+    learner = ReportLearner(cfg)
+    learner.start_rl()
+    worker = ReportRolloutWorker(cfg)
+    worker.load_supervised(learner.supervised_weights())
+    worker.load_weights(learner.publish())
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, seed=0)
+    with pytest.raises(ValueError, match="3 rewards for 4"):
+        learner.update(np.zeros(3), trajectory)
+    learner.update(np.arange(4.0), trajectory)
+    with pytest.raises(ValueError, match="weight version 0 given to the learner at version 1"):
+        learner.update(np.arange(4.0), trajectory)
+
+
+def test_empty_reference_report_is_refused_with_advice():
+    generator = build_report_policy(config(), "cpu").generator
+    with pytest.raises(ValueError, match="empty report"):
+        generator.encode_reports(["Normal.", "  "])
