@@ -83,7 +83,7 @@ class ReportLearner:
     def greedy(self, images: np.ndarray) -> list[str]:
         """Greedy-decoded reports of the current model (validation during the supervised stage)."""
         generator = self.policy.generator
-        prompts = generator.frozen_prompts(torch.from_numpy(np.asarray(images)).to(self.device))
+        prompts = generator.frozen_prompts(torch.from_numpy(np.array(images)).to(self.device))  # copy: object-store arrays are read-only
         return generator.decode(*generator.generate(prompts, greedy=True))
 
     def start_rl(self) -> str:

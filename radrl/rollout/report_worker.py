@@ -78,7 +78,7 @@ class ReportRolloutWorker:
         return self.weight_version
 
     def _images(self, images) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(images), dtype=torch.float32).to(self.device)
+        return torch.tensor(np.asarray(images), dtype=torch.float32).to(self.device)  # a copy: object-store arrays are read-only
 
     @torch.no_grad()
     def sample(self, images, references: list[str], seed: int) -> tuple[ReportTrajectory, ReportRollout]:
