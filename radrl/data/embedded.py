@@ -88,6 +88,10 @@ def render_specs(specs: list[PhantomSpec], size: int, processes: int = 2) -> np.
     if processes <= 1 or len(jobs) < 64:
         images = [_render(job) for job in jobs]
     else:
-        with get_context("fork").Pool(processes) as pool:  # fork: no re-import of the caller's __main__ (numpy-only work)
+        pool = get_context("fork").Pool(processes)  # fork: no re-import of the caller's __main__ (numpy-only work)
+        try:
             images = pool.map(_render, jobs, chunksize=64)
+        finally:  # close + join lets the workers exit on their own; terminate() would SIGTERM them
+            pool.close()
+            pool.join()
     return np.stack(images)[:, None].astype(np.float32)
