@@ -36,3 +36,14 @@ def test_ppo_ratio_is_clipped_for_positive_advantages():
     loss, info = ppo_loss(new, old, new, torch.ones(1, 1), torch.tensor([2.0]), torch.zeros(1), clip_range=0.2)
     assert float(loss) == pytest.approx(-2.0 * 1.2)
     assert info["clipfrac"] == 1.0
+
+
+def test_learner_uses_the_fixed_lambda_when_adaptive_kl_is_off():
+    from radrl.config import load_config
+    from radrl.learner.ppo_learner import ReportLearner
+
+    rewards = np.array([0.2, 3.0])
+    adaptive = ReportLearner(load_config(None, ["task=rrg", "learner.kl_threshold=0.4"]))
+    assert adaptive.lambda_kl(rewards) == pytest.approx([0.5, 1.0])
+    fixed = ReportLearner(load_config(None, ["task=rrg", "learner.adaptive_kl=false", "learner.lambda_kl=0.3"]))
+    assert fixed.lambda_kl(rewards) == pytest.approx([0.3, 0.3])

@@ -93,3 +93,25 @@ def test_clinical_efficacy_of_perfect_and_wrong_reports():
 def test_nlg_refuses_mismatched_lists():
     with pytest.raises(ValueError, match="one generated report per reference"):
         nlg_and_ce([NORMAL], [NORMAL, ABNORMAL])
+
+
+def test_report_reward_actor_radcliq_and_bleu4_rewards():
+    from radrl.config import load_config
+    from radrl.reward_actors.report_scorer import ReportRewardScorer
+    from radrl.rollout.report_worker import ReportRollout
+
+    rollout = ReportRollout((ABNORMAL, NORMAL, ""), (ABNORMAL, ABNORMAL, ABNORMAL), 0, {})
+    radcliq_actor = ReportRewardScorer(load_config(None, ["task=rrg"]), "radcliq")
+    scored = radcliq_actor.score(rollout)
+    # a perfect report earns RadCliQ(all features 0) − RadCliQ(perfect) = 2.4501 + 1.4407; an empty one
+    # shares only the observations neither report mentions (the label-agreement feature)
+    assert scored.rewards[0] == pytest.approx(2.4501 + 1.4407, abs=1e-3)
+    agreement = label_agreement([""], [ABNORMAL])[0]
+    expected = radcliq(np.zeros((1, 4)), "v1")[0] - radcliq(np.array([[0.0, 0.0, agreement, 0.0]]), "v1")[0]
+    assert scored.rewards[2] == pytest.approx(expected)
+    assert scored.rewards[0] > max(scored.rewards[1:])  # (a wrong report can score below an empty one)
+    assert "rule" in radcliq_actor.backend_names()["radgraph"]
+    bleu_actor = ReportRewardScorer(load_config(None, ["task=rrg", "rewards.rrg_reward=bleu4"]), "bleu4")
+    assert bleu_actor.score(rollout).rewards == pytest.approx([1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="rrg_reward"):
+        ReportRewardScorer(load_config(None, ["task=rrg"]), "bleu4")
