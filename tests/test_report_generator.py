@@ -25,6 +25,16 @@ def images(n=4, seed=0):
     return torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def rl_stage(cfg):
+    """A learner past the supervised stage and a worker holding its weights (version 0)."""
+    learner = ReportLearner(cfg)
+    learner.start_rl()
+    worker = ReportRolloutWorker(cfg)
+    worker.load_supervised(learner.supervised_weights())
+    worker.load_weights(learner.publish())
+    return learner, worker
+
+
 def test_29_chest_imagenome_regions_each_with_its_own_prompt():
     assert len(REGION_PROMPTS) == 29 and len(set(REGION_PROMPTS.values())) == 29
 
@@ -50,11 +60,7 @@ def test_visual_features_one_global_and_one_per_region_and_regions_differ_by_pro
 
 
 def test_recomputed_token_log_probs_equal_the_sampled_ones():
-    worker = ReportRolloutWorker(config())
-    learner = ReportLearner(config())
-    learner.start_rl()
-    worker.load_supervised(learner.supervised_weights())
-    worker.load_weights(learner.publish())
+    learner, worker = rl_stage(config())
     trajectory, rollout = worker.sample(images().numpy(), REPORTS, seed=3)
     assert len(rollout.reports) == 4 and trajectory.weight_version == 0
     generator = learner.policy.generator
@@ -78,12 +84,7 @@ def test_supervised_stage_lowers_the_report_loss_on_pairs_it_sees():
 
 
 def test_ppo_update_changes_only_the_rl_lora():
-    cfg = config()
-    learner = ReportLearner(cfg)
-    learner.start_rl()
-    worker = ReportRolloutWorker(cfg)
-    worker.load_supervised(learner.supervised_weights())
-    worker.load_weights(learner.publish())
+    learner, worker = rl_stage(config())
     before = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
     trajectory, _ = worker.sample(images().numpy(), REPORTS, seed=0)
     metrics = learner.update(np.array([1.0, 0.0, 0.5, 2.0]), trajectory)
@@ -93,12 +94,7 @@ def test_ppo_update_changes_only_the_rl_lora():
 
 
 def test_learner_refuses_stale_reports_and_a_wrong_number_of_rewards():
-    cfg = config()
-    learner = ReportLearner(cfg)
-    learner.start_rl()
-    worker = ReportRolloutWorker(cfg)
-    worker.load_supervised(learner.supervised_weights())
-    worker.load_weights(learner.publish())
+    learner, worker = rl_stage(config())
     trajectory, _ = worker.sample(images().numpy(), REPORTS, seed=0)
     with pytest.raises(ValueError, match="3 rewards for 4"):
         learner.update(np.zeros(3), trajectory)

@@ -31,6 +31,18 @@ class PerPromptStatTracker:
         return result
 
 
+def check_update_batch(rewards: np.ndarray, count: int, batch_version: int, learner_version: int,
+                       max_staleness: int) -> np.ndarray:
+    """The rewards as float64 [count], after refusing a wrong count or rollouts of a version out of bounds."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.shape != (count,):
+        raise ValueError(f"{rewards.shape[0]} rewards for {count} rollouts")
+    if not 0 <= learner_version - batch_version <= max_staleness:
+        raise ValueError(f"rollouts of weight version {batch_version} given to the learner at version "
+                         f"{learner_version} (orchestration.max_staleness = {max_staleness})")
+    return rewards
+
+
 def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     """(r − mean) / (std + 1e-6) over the whole batch."""
     rewards = np.asarray(rewards, dtype=np.float64)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from radrl.config import ExperimentConfig
-from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, ddpo_loss
+from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, check_update_batch, ddpo_loss
 from radrl.learner.state import load_optimizer, optimizer_tensors
 from radrl.models.diffusion_policy import PublishedWeights
 from radrl.rollout.sampler import DiffusionTrajectory, concat_trajectories, step_log_prob, text_conditions
@@ -49,13 +49,8 @@ class DDPOLearner:
         gradient over those steps before one clipped AdamW step.
         """
         batch = concat_trajectories(list(trajectories)).to(self.device)
-        rewards = np.asarray(rewards, dtype=np.float64)
-        if rewards.shape != (len(batch.reports),):
-            raise ValueError(f"{rewards.shape[0]} rewards for {len(batch.reports)} trajectories")
-        behind = self.version - batch.weight_version
-        if not 0 <= behind <= self.cfg.orchestration.max_staleness:
-            raise ValueError(f"trajectories of weight version {batch.weight_version} given to the learner at version "
-                             f"{self.version} (orchestration.max_staleness = {self.cfg.orchestration.max_staleness})")
+        rewards = check_update_batch(rewards, len(batch.reports), batch.weight_version, self.version,
+                                     self.cfg.orchestration.max_staleness)
         advantages = self.advantages(batch.reports, rewards).to(self.device)
         learner, rollout = self.cfg.learner, self.cfg.rollout
         num_steps = batch.timesteps.shape[0]

@@ -12,7 +12,7 @@ import torch
 
 from radrl.config import ExperimentConfig
 from radrl.data.pairs import ImageReportSet
-from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages
+from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, check_update_batch
 from radrl.learner.ppo import adaptive_lambda_kl, ppo_loss
 from radrl.learner.state import load_optimizer, optimizer_tensors
 from radrl.models.diffusion_policy import PublishedWeights
@@ -122,13 +122,8 @@ class ReportLearner:
         """One PPO round on this iteration's reports (rewards in the same order); bumps the version."""
         self._require_stage("rl")
         batch = concat_report_trajectories(list(trajectories))
-        rewards = np.asarray(rewards, dtype=np.float64)
-        if rewards.shape != (len(batch.references),):
-            raise ValueError(f"{rewards.shape[0]} rewards for {len(batch.references)} reports")
-        behind = self.version - batch.weight_version
-        if not 0 <= behind <= self.cfg.orchestration.max_staleness:
-            raise ValueError(f"reports of weight version {batch.weight_version} given to the learner at version "
-                             f"{self.version} (orchestration.max_staleness = {self.cfg.orchestration.max_staleness})")
+        rewards = check_update_batch(rewards, len(batch.references), batch.weight_version, self.version,
+                                     self.cfg.orchestration.max_staleness)
         learner = self.cfg.learner
         if learner.per_prompt_stats:
             advantages = self.tracker.advantages(list(batch.references), rewards)

@@ -211,11 +211,7 @@ class CXRLTrainer:
 
     def broadcast(self) -> int:
         """Fetch the learner's newest LoRA + ACE, put them in the object store once, load them on every worker."""
-        published = self.get(self.roles.learner.publish.remote())
-        ref = self.put(published)  # one object; each worker reads the same copy
-        held = self.get([worker.load_weights.remote(ref) for worker in self.roles.workers])
-        if any(version != published.version for version in held):
-            raise RuntimeError(f"workers hold weight versions {held} after broadcasting {published.version}")
+        published = broadcast_weights(self.roles)
         self.broadcast_bytes = published.nbytes
         return published.version
 
@@ -277,13 +273,7 @@ class CXRLTrainer:
         return folder
 
     def restore(self) -> None:
-        folder = latest_checkpoint(self.run_dir)
-        if folder is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; "
-                                    "start without --resume (or point logging.run_dir at the run to continue)")
-        tensors, state = load_checkpoint(folder)
-        check_resumable(state["config"], self.cfg.model_dump(mode="json"))
-        self.get(self.roles.learner.load_state.remote(tensors, state["learner"]))
+        folder, state = restore_learner(self.run_dir, self.cfg, self.roles, self.get)
         self.iteration = self.last_checkpoint = state["iteration"]
         self.start_evaluation = state["start_evaluation"]
         log.info("resumed from %s (iteration %d, weight version %d)", folder, self.iteration, state["weight_version"])
@@ -307,6 +297,29 @@ class CXRLTrainer:
         (self.run_dir / "results.md").write_text(format_results_table(results) + "\n")
         self.tracker.write_reward_curves()
         self.tracker.close()
+
+
+def broadcast_weights(roles: Roles):
+    """The learner's newest published adapter tensors → one object-store copy → loaded by every worker."""
+    get = roles.cluster.get
+    published = get(roles.learner.publish.remote())
+    ref = roles.cluster.put(published)  # one object; each worker reads the same copy
+    held = get([worker.load_weights.remote(ref) for worker in roles.workers])
+    if any(version != published.version for version in held):
+        raise RuntimeError(f"workers hold weight versions {held} after broadcasting {published.version}")
+    return published
+
+
+def restore_learner(run_dir: Path, cfg: ExperimentConfig, roles: Roles, get) -> tuple[Path, dict]:
+    """Load the run's latest checkpoint into the learner (after checking the config may resume it)."""
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir) / 'checkpoints'}; "
+                                "start without --resume (or point logging.run_dir at the run to continue)")
+    tensors, state = load_checkpoint(folder)
+    check_resumable(state["config"], cfg.model_dump(mode="json"))
+    get(roles.learner.load_state.remote(tensors, state["learner"]))
+    return folder, state
 
 
 # Settings a resumed run may change: where and how big it runs, not what it learns.

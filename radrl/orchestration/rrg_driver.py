@@ -23,8 +23,8 @@ from radrl.data.pairs import image_report_pairs
 from radrl.data.report_pool import iteration_reports
 from radrl.eval.text_metrics import nlg_and_ce
 from radrl.orchestration.actors import Roles
-from radrl.orchestration.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from radrl.orchestration.driver import RunFailed, StageTimer, check_resumable, check_staleness
+from radrl.orchestration.checkpoints import latest_checkpoint, save_checkpoint
+from radrl.orchestration.driver import RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner
 from radrl.orchestration.tracking import TIMING_KEY, RunTracker
 from radrl.reward_actors.radcliq import FEATURES
 
@@ -172,11 +172,7 @@ class RRGTrainer:
 
     def broadcast(self) -> int:
         """Fetch the learner's newest RL LoRA, put it in the object store once, load it on every worker."""
-        published = self.get(self.roles.learner.publish.remote())
-        ref = self.put(published)
-        held = self.get([worker.load_weights.remote(ref) for worker in self.roles.workers])
-        if any(version != published.version for version in held):
-            raise RuntimeError(f"workers hold weight versions {held} after broadcasting {published.version}")
+        published = broadcast_weights(self.roles)
         self.broadcast_bytes = published.nbytes
         return published.version
 
@@ -229,13 +225,7 @@ class RRGTrainer:
         return folder
 
     def restore(self) -> None:
-        folder = latest_checkpoint(self.run_dir)
-        if folder is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}; "
-                                    "start without --resume (or point logging.run_dir at the run to continue)")
-        tensors, state = load_checkpoint(folder)
-        check_resumable(state["config"], self.cfg.model_dump(mode="json"))
-        self.get(self.roles.learner.load_state.remote(tensors, state["learner"]))
+        folder, state = restore_learner(self.run_dir, self.cfg, self.roles, self.get)
         self.epochs_done, self.iteration = state["epochs_done"], state["iteration"]
         self.supervised_evaluation = state["supervised_evaluation"]
         self.last_checkpoint = (self.epochs_done, self.iteration)
