@@ -285,10 +285,8 @@ class CXRLTrainer:
                 saved = f"; saved iteration {self.iteration} to {self.checkpoint()}"
             except Exception as again:  # the learner itself may be what died
                 saved = f"; could not save a checkpoint ({type(again).__name__})"
-        latest = latest_checkpoint(self.run_dir)
-        resume = f"rerun with --resume to continue from {latest.name}" if latest else "no checkpoint was written yet"
         return (f"training stopped at iteration {self.iteration} during {stage}: {type(error).__name__}: {error}"
-                f"{saved}. Fix the cause, then {resume}.")
+                f"{saved}. Fix the cause, then {resume_hint(self.run_dir)}.")
 
     # ------------------------------------------------------------------ results
 
@@ -297,6 +295,12 @@ class CXRLTrainer:
         (self.run_dir / "results.md").write_text(format_results_table(results) + "\n")
         self.tracker.write_reward_curves()
         self.tracker.close()
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What a person can do after a failure: resume from the latest checkpoint, if there is one."""
+    latest = latest_checkpoint(run_dir)
+    return f"rerun with --resume to continue from {latest.name}" if latest else "no checkpoint was written yet"
 
 
 def broadcast_weights(roles: Roles):

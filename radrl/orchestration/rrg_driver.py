@@ -23,8 +23,9 @@ from radrl.data.pairs import image_report_pairs
 from radrl.data.report_pool import iteration_reports
 from radrl.eval.text_metrics import nlg_and_ce
 from radrl.orchestration.actors import Roles
-from radrl.orchestration.checkpoints import latest_checkpoint, save_checkpoint
-from radrl.orchestration.driver import RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner
+from radrl.orchestration.checkpoints import save_checkpoint
+from radrl.orchestration.driver import (RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner,
+                                        resume_hint)
 from radrl.orchestration.tracking import TIMING_KEY, RunTracker
 from radrl.reward_actors.radcliq import FEATURES
 
@@ -235,10 +236,8 @@ class RRGTrainer:
         log.info("resumed from %s (supervised epoch %d, iteration %d)", folder, self.epochs_done, self.iteration)
 
     def failure_message(self, error: Exception, stage: str) -> str:
-        latest = latest_checkpoint(self.run_dir)
-        resume = f"rerun with --resume to continue from {latest.name}" if latest else "no checkpoint was written yet"
         return (f"training stopped at supervised epoch {self.epochs_done}, iteration {self.iteration} during {stage}: "
-                f"{type(error).__name__}: {error}. Fix the cause, then {resume}.")
+                f"{type(error).__name__}: {error}. Fix the cause, then {resume_hint(self.run_dir)}.")
 
     # ------------------------------------------------------------------ results
 
