@@ -7,7 +7,7 @@ import torch
 
 from radrl.config import ExperimentConfig
 from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, check_update_batch, ddpo_loss
-from radrl.learner.state import load_optimizer, optimizer_tensors
+from radrl.learner.state import load_training_state, training_state
 from radrl.models.diffusion_policy import PublishedWeights
 from radrl.rollout.sampler import DiffusionTrajectory, concat_trajectories, step_log_prob, text_conditions
 from radrl.rollout.worker import build_policy, device_for
@@ -93,25 +93,12 @@ class DDPOLearner:
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able) of everything a resumed run needs: weights, optimizer, RNG, stat buffers."""
         # Copies: the live tensors change in place with the next update.
-        tensors = {f"policy/{name}": t.detach().cpu().clone() for name, t in self.policy.trainable_state().items()}
-        optimizer, param_groups = optimizer_tensors(self.optimizer)
-        tensors.update(optimizer)
-        tensors["rng/generator"] = self.generator.get_state()
-        tensors["rng/torch"] = torch.get_rng_state()
-        meta = {
-            "weight_version": self.version,
-            "optimizer_param_groups": param_groups,
-            "stat_buffers": {report: list(buffer) for report, buffer in self.tracker.buffers.items()},
-        }
+        tensors, meta = training_state(self.optimizer, self.generator, self.tracker, self.version)
+        tensors.update({f"policy/{name}": t.detach().cpu().clone() for name, t in self.policy.trainable_state().items()})
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Restore what `state` returned."""
         self.policy.load_trainable_state({k.removeprefix("policy/"): v for k, v in tensors.items()
                                           if k.startswith("policy/")})
-        load_optimizer(self.optimizer, tensors, meta["optimizer_param_groups"], self.device)
-        self.generator.set_state(tensors["rng/generator"])
-        torch.set_rng_state(tensors["rng/torch"])
-        for report, values in meta["stat_buffers"].items():
-            self.tracker.buffers[report].extend(values)
-        self.version = meta["weight_version"]
+        self.version = load_training_state(self.optimizer, self.generator, self.tracker, tensors, meta, self.device)

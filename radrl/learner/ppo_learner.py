@@ -14,7 +14,7 @@ from radrl.config import ExperimentConfig
 from radrl.data.pairs import ImageReportSet
 from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, check_update_batch
 from radrl.learner.ppo import adaptive_lambda_kl, ppo_loss
-from radrl.learner.state import load_optimizer, optimizer_tensors
+from radrl.learner.state import load_training_state, training_state
 from radrl.models.diffusion_policy import PublishedWeights
 from radrl.models.report_generator import build_report_policy
 from radrl.rollout.report_worker import ReportTrajectory, concat_report_trajectories
@@ -82,9 +82,8 @@ class ReportLearner:
     @torch.no_grad()
     def greedy(self, images: np.ndarray) -> list[str]:
         """Greedy-decoded reports of the current model (validation during the supervised stage)."""
-        generator = self.policy.generator
-        prompts = generator.frozen_prompts(torch.from_numpy(np.array(images)).to(self.device))  # copy: object-store arrays are read-only
-        return generator.decode(*generator.generate(prompts, greedy=True))
+        # a copy: object-store arrays are read-only
+        return self.policy.generator.greedy_reports(torch.from_numpy(np.array(images)).to(self.device))
 
     def start_rl(self) -> str:
         """End the supervised stage: keep its tensors, merge them, add the RL LoRA and its optimizer."""
@@ -135,8 +134,7 @@ class ReportLearner:
         generator = self.policy.generator
         tokens, mask = batch.tokens.to(self.device), batch.mask.to(self.device)
         old, ref = batch.log_probs.to(self.device), batch.ref_log_probs.to(self.device)
-        with torch.no_grad():  # the visual extractor is frozen in this stage: its prompts are constants
-            prompts = generator.frozen_prompts(batch.images.to(self.device))
+        prompts = generator.frozen_prompts(batch.images.to(self.device))  # the extractor is frozen: constants
         weights = torch.as_tensor(lambda_kl, dtype=torch.float32, device=self.device)
         stats: dict[str, list[float]] = {}
         for _ in range(learner.inner_epochs):
@@ -176,12 +174,9 @@ class ReportLearner:
         tensors = {f"supervised/{k}": v.detach().cpu().clone() for k, v in supervised.items()}
         if rl:
             tensors.update({f"rl/{k}": v.detach().cpu().clone() for k, v in self.policy.rl_state().items()})
-        optimizer, param_groups = optimizer_tensors(self.optimizer)
-        tensors.update(optimizer)
-        tensors["rng/generator"] = self.generator.get_state()
-        tensors["rng/torch"] = torch.get_rng_state()
-        meta = {"stage": self.policy.stage, "weight_version": self.version, "optimizer_param_groups": param_groups,
-                "stat_buffers": {report: list(buffer) for report, buffer in self.tracker.buffers.items()}}
+        state, meta = training_state(self.optimizer, self.generator, self.tracker, self.version)
+        tensors.update(state)
+        meta["stage"] = self.policy.stage
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -194,13 +189,5 @@ class ReportLearner:
             self.policy.load_rl_state({k.removeprefix("rl/"): v for k, v in tensors.items() if k.startswith("rl/")})
             self.optimizer = self._optimizer(self.policy.rl_parameters(), self.cfg.learner.lr)
         else:
-            with torch.no_grad():
-                own = dict(self.policy.generator.named_parameters())
-                for name, value in supervised.items():
-                    own[name].copy_(value)
-        load_optimizer(self.optimizer, tensors, meta["optimizer_param_groups"], self.device)
-        self.generator.set_state(tensors["rng/generator"])
-        torch.set_rng_state(tensors["rng/torch"])
-        for report, values in meta["stat_buffers"].items():
-            self.tracker.buffers[report].extend(values)
-        self.version = meta["weight_version"]
+            self.policy.load_supervised_state(supervised)
+        self.version = load_training_state(self.optimizer, self.generator, self.tracker, tensors, meta, self.device)

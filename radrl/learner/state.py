@@ -1,4 +1,4 @@
-"""Optimizer state as flat named tensors (for safetensors checkpoints) and back."""
+"""A learner's resumable state as flat named tensors (for safetensors checkpoints) plus JSON, and back."""
 
 from __future__ import annotations
 
@@ -22,3 +22,25 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups
             _, index, slot = key.split("/")
             state.setdefault(int(index), {})[slot] = value.to(device) if value.dim() else value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def training_state(optimizer: torch.optim.Optimizer, generator: torch.Generator, tracker, version: int
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    """What every learner checkpoints besides its weights: optimizer, RNG states, advantage stat buffers, version."""
+    tensors, param_groups = optimizer_tensors(optimizer)
+    tensors["rng/generator"] = generator.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {"weight_version": version, "optimizer_param_groups": param_groups,
+            "stat_buffers": {report: list(buffer) for report, buffer in tracker.buffers.items()}}
+    return tensors, meta
+
+
+def load_training_state(optimizer: torch.optim.Optimizer, generator: torch.Generator, tracker, tensors: dict,
+                        meta: dict, device: str) -> int:
+    """Restore what `training_state` returned; returns the weight version."""
+    load_optimizer(optimizer, tensors, meta["optimizer_param_groups"], device)
+    generator.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    for report, values in meta["stat_buffers"].items():
+        tracker.buffers[report].extend(values)
+    return meta["weight_version"]

@@ -19,6 +19,7 @@ from peft import LoraConfig
 from torch import nn
 
 from radrl.models.diffusion import DiffusionModels
+from radrl.models.weights import copy_named_tensors
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,10 @@ class DiffusionPolicy(nn.Module):
             state["ace"] = self.ace.detach()
         return state
 
-    @torch.no_grad()
     def load_trainable_state(self, state: dict) -> None:
         """Copy broadcast LoRA + ACE tensors (numpy or torch, by `trainable_state` name) into the policy."""
-        own = dict(self.named_parameters())
-        expected = set(self.trainable_state())
-        if set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"trainable state does not match this policy (LoRA rank/targets or ACE tokens differ?): "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        for name, value in state.items():
-            # Arrays from Ray's object store are read-only views: copy before wrapping.
-            own[name].copy_(torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value)
+        copy_named_tensors(self, state, set(self.trainable_state()),
+                           "trainable state does not match this policy (LoRA rank/targets or ACE tokens differ?)")
 
     @contextmanager
     def anchor(self):

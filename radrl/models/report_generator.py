@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
@@ -30,6 +29,7 @@ from radrl.config import ExperimentConfig
 from radrl.data.observations import CHEXPERT_OBSERVATIONS
 from radrl.models.clip import ImageReportClip, build_clip
 from radrl.models.report_lm import DecoderLM, build_decoder
+from radrl.models.weights import copy_named_tensors
 
 # The 29 Chest ImaGenome regions, each with a descriptive sentence written for this project.
 REGION_PROMPTS: dict[str, str] = {
@@ -207,17 +207,21 @@ class ReportGenerator(nn.Module):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)  # transformers' sampler draws from the global generator
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        out = self.decoder.generate(
+        # with inputs_embeds only, transformers returns just the new tokens
+        tokens = self.decoder.generate(
             inputs_embeds=prompts, attention_mask=torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device),
             max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None, temperature=None,
             num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id,
         )
-        tokens = out  # with inputs_embeds only, transformers returns just the new tokens
         ended = (tokens == eos).long()
         after_eos = (ended.cumsum(dim=1) - ended) > 0  # positions after the first EOS
         mask = (~after_eos).float()
         tokens = tokens.masked_fill(after_eos, pad)
         return tokens, mask
+
+    def greedy_reports(self, images: torch.Tensor) -> list[str]:
+        """Greedy-decoded report texts of images [B, 1, H, W] (evaluation)."""
+        return self.decode(*self.generate(self.frozen_prompts(images), greedy=True))
 
     # ------------------------------------------------------------------ supervised loss
 
@@ -244,7 +248,6 @@ class ReportPolicy(nn.Module):
         self.generator = generator
         self.cfg = cfg
         self.stage = "supervised"
-        generator.extractor.clip.requires_grad_(False)
         if cfg.models.report_generator.supervised_decoder == "lora":
             generator.decoder = get_peft_model(generator.decoder, self._lora())
 
@@ -254,14 +257,21 @@ class ReportPolicy(nn.Module):
                           target_modules=list(self.cfg.models.report_generator.decoder_lora_targets),
                           init_lora_weights=True)
 
+    def _supervised_named(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.generator.named_parameters() if p.requires_grad and not n.startswith("extractor.clip")}
+
     def supervised_parameters(self) -> list[nn.Parameter]:
         """What the supervised stage trains (frozen CLIP excluded)."""
-        return [p for n, p in self.generator.named_parameters() if p.requires_grad and not n.startswith("extractor.clip")]
+        return list(self._supervised_named().values())
 
     def supervised_state(self) -> dict[str, torch.Tensor]:
         """The tensors the supervised stage trained, by name (broadcast once when the stage ends)."""
-        return {n: p.detach() for n, p in self.generator.named_parameters()
-                if p.requires_grad and not n.startswith("extractor.clip")}
+        return {n: p.detach() for n, p in self._supervised_named().items()}
+
+    def load_supervised_state(self, state: dict) -> None:
+        """Install supervised-stage tensors (numpy or torch, by `supervised_state` name)."""
+        copy_named_tensors(self.generator, state, set(self.supervised_state()),
+                           "supervised state does not match this model (different config?)")
 
     @torch.no_grad()
     def start_rl(self, supervised: dict | None = None) -> None:
@@ -269,7 +279,7 @@ class ReportPolicy(nn.Module):
         if self.stage == "rl":
             raise RuntimeError("the RL stage has already started")
         if supervised is not None:
-            _copy_into(self.generator, supervised, set(self.supervised_state()), "supervised state")
+            self.load_supervised_state(supervised)
         if self.cfg.models.report_generator.supervised_decoder == "lora":
             self.generator.decoder = self.generator.decoder.merge_and_unload()
         self.generator.requires_grad_(False)
@@ -277,33 +287,23 @@ class ReportPolicy(nn.Module):
         self.stage = "rl"
 
     def rl_parameters(self) -> list[nn.Parameter]:
+        """The RL LoRA matrices: the only tensors CQRL trains."""
         return [p for n, p in self.generator.decoder.named_parameters() if "lora_" in n]
 
     def rl_state(self) -> dict[str, torch.Tensor]:
-        """The RL LoRA tensors: what the learner broadcasts each version."""
+        """The RL LoRA tensors by name: what the learner broadcasts each version."""
         return {n: p.detach() for n, p in self.generator.decoder.named_parameters() if "lora_" in n}
 
-    @torch.no_grad()
     def load_rl_state(self, state: dict) -> None:
-        _copy_into(self.generator.decoder, state, set(self.rl_state()), "RL LoRA")
+        """Install one version of the RL LoRA tensors (numpy or torch, by `rl_state` name)."""
+        copy_named_tensors(self.generator.decoder, state, set(self.rl_state()),
+                           "RL LoRA does not match this model (different config?)")
 
     @contextmanager
     def reference(self):
         """The frozen reference G_ref: the supervised model (RL LoRA disabled)."""
         with self.generator.decoder.disable_adapter():
             yield
-
-
-def _copy_into(module: nn.Module, state: dict, expected: set[str], what: str) -> None:
-    """Copy named tensors (numpy or torch) into `module`; the names must be exactly `expected`."""
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{what} does not match this model (different config?): missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    own = dict(module.named_parameters())
-    for name, value in state.items():
-        # arrays from Ray's object store are read-only views: copy before wrapping
-        own[name].copy_(torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value)
 
 
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:

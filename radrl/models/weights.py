@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -49,3 +50,16 @@ def save_state(model: nn.Module, path, half: bool = False) -> None:
     """Write a state dict as safetensors; `half` stores float tensors as fp16 to keep the package small."""
     state = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
+
+
+@torch.no_grad()
+def copy_named_tensors(module: nn.Module, state: dict, expected: set[str], mismatch: str) -> None:
+    """Copy named tensors (numpy or torch) into `module`'s parameters; the names must be exactly `expected`,
+    else ValueError('<mismatch>: missing [...], unexpected [...]')."""
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{mismatch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    own = dict(module.named_parameters())
+    for name, value in state.items():
+        # arrays from Ray's object store are read-only views: copy before wrapping
+        own[name].copy_(torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value)

@@ -127,13 +127,15 @@ class RayCluster:
     def put(self, value):
         return self.ray.put(value)
 
-    def record(self, iteration: int, samples: int, reward: float, seconds: dict[str, float]) -> None:
-        """Export one iteration's figures as Ray metrics (Ray dashboard / Prometheus)."""
+    def record(self, iteration: int, samples: int, reward: float, scalars: dict[str, float]) -> None:
+        """Export one iteration's figures as Ray metrics (Ray dashboard / Prometheus); stage seconds are
+        the scalars under timing/."""
         self.samples.inc(samples)
         self.iteration.set(iteration)
         self.reward.set(reward)
-        for stage, value in seconds.items():
-            self.stage_seconds.set(value, tags={"stage": stage})
+        for key, value in scalars.items():
+            if key.startswith("timing/"):
+                self.stage_seconds.set(value, tags={"stage": key.removeprefix("timing/")})
 
     def shutdown(self) -> None:
         if self.placement_group is not None:

@@ -151,8 +151,7 @@ class CXRLTrainer:
                 scalars = self.train_step()
                 stage = "log"
                 self.tracker.log_scalars(self.iteration, scalars)
-                self.roles.cluster.record(self.iteration, int(scalars["rollout/images"]), scalars[TOTAL_KEY],
-                                          {k.split("/", 1)[1]: v for k, v in scalars.items() if k.startswith("timing/")})
+                self.roles.cluster.record(self.iteration, int(scalars["rollout/images"]), scalars[TOTAL_KEY], scalars)
                 log.info(format_progress(self.iteration, cfg.learner.iterations, scalars))
                 if self.iteration % cfg.logging.image_every == 0:
                     self.log_grid()

@@ -46,11 +46,9 @@ class RRGTrainer:
         self.run_dir = Path(cfg.logging.run_dir)
         self.reward_name = cfg.rewards.rrg_reward
         self.reward_actors = roles.rewards[self.reward_name]
-        train = image_report_pairs(cfg.data, "train", cfg.data.n_train)
+        self.train = image_report_pairs(cfg.data, "train", cfg.data.n_train)
         self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
-        self.train_size = len(train)
-        self.train_images, self.train_reports = train.images, train.reports
-        self.train_ref = self.put(train)  # one copy in the object store for the learner's supervised epochs
+        self.train_ref = self.put(self.train)  # one copy in the object store for the learner's supervised epochs
         self.per_iteration = cfg.rollout.num_workers * cfg.rollout.batches_per_iteration * cfg.rollout.batch_size
         self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
         self.supervised_evaluation = None
@@ -80,7 +78,7 @@ class RRGTrainer:
     def train_step(self) -> dict[str, float]:
         """One CQRL iteration: sample → score → PPO update → broadcast. Returns its scalars."""
         cfg, timer, start = self.cfg, StageTimer(), time.perf_counter()
-        index = iteration_reports(list(range(self.train_size)), self.per_iteration, cfg.seed, self.iteration,
+        index = iteration_reports(list(range(len(self.train))), self.per_iteration, cfg.seed, self.iteration,
                                   cfg.rollout.samples_per_report)
 
         with timer("sample"):  # 1. reports with policy and reference token log-probs
@@ -125,8 +123,7 @@ class RRGTrainer:
                 stage = "log"
                 self.tracker.log_scalars(self.iteration, scalars)
                 self.roles.cluster.record(self.iteration, int(scalars["rollout/reports"]),
-                                          scalars[REWARD.format(name=self.reward_name)],
-                                          {k.split("/", 1)[1]: v for k, v in scalars.items() if k.startswith("timing/")})
+                                          scalars[REWARD.format(name=self.reward_name)], scalars)
                 log.info(format_progress(self.iteration, cfg.learner.iterations, scalars, self.reward_name))
                 if self.iteration % cfg.logging.checkpoint_every == 0:
                     self.checkpoint()
@@ -147,8 +144,7 @@ class RRGTrainer:
 
     def start_rl(self) -> None:
         """Hand-over: the learner merges the supervised weights and starts its RL LoRA; every worker gets both."""
-        learner = self.roles.learner
-        self.get(learner.start_rl.remote())
+        self.get(self.roles.learner.start_rl.remote())
         self.send_supervised()
         self.weight_version = self.broadcast()
 
@@ -164,11 +160,10 @@ class RRGTrainer:
         size = cfg.rollout.batch_size
         calls = []
         for k, start in enumerate(range(0, len(index), size)):
-            chosen = index[start:start + size]
+            batch = self.train.take(index[start:start + size])
             worker = self.roles.workers[k % len(self.roles.workers)]
             calls.append(worker.sample.options(num_returns=2).remote(
-                self.train_images[chosen], [self.train_reports[i] for i in chosen],
-                stable_seed("train", cfg.seed, self.iteration, k)))
+                batch.images, list(batch.reports), stable_seed("train", cfg.seed, self.iteration, k)))
         return [t for t, _ in calls], self.get([r for _, r in calls])
 
     def broadcast(self) -> int:
@@ -245,8 +240,7 @@ class RRGTrainer:
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         (self.run_dir / "results.md").write_text(format_results_table(results) + "\n\n" + format_samples(
             results, list(self.eval_set.reports)) + "\n")
-        self.tracker.write_reward_curves(tuple(k for k in CURVES if k != REWARD.format(name="bleu4")
-                                               or self.reward_name == "bleu4"))
+        self.tracker.write_reward_curves(CURVES)  # only the curves this run logged are drawn
         self.tracker.close()
         self.supervised_tracker.close()
 

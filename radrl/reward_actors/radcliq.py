@@ -177,7 +177,6 @@ class LocalBertScore:
         self.layer, self.device = layer, device
         rng = np.random.default_rng(0)
         pairs = rng.choice(len(baseline_reports), size=(256, 2))
-        self.baseline = 0.0
         raw = self.raw_f1([baseline_reports[i] for i in pairs[:, 0]], [baseline_reports[j] for j in pairs[:, 1]])
         self.baseline = float(raw.mean())
 

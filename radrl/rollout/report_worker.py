@@ -102,13 +102,6 @@ class ReportRolloutWorker:
         return trajectory, ReportRollout(texts, tuple(references), self.weight_version, seconds)
 
     @torch.no_grad()
-    def greedy(self, images, reference: bool = False) -> list[str]:
-        """Greedy-decoded reports of the policy (or, with reference=True, of the supervised model)."""
-        generator = self.policy.generator
-        prompts = generator.frozen_prompts(self._images(images))
-        if reference and self.policy.stage == "rl":
-            with self.policy.reference():
-                tokens, mask = generator.generate(prompts, greedy=True)
-        else:
-            tokens, mask = generator.generate(prompts, greedy=True)
-        return generator.decode(tokens, mask)
+    def greedy(self, images) -> list[str]:
+        """Greedy-decoded reports of the current policy (evaluation)."""
+        return self.policy.generator.greedy_reports(self._images(images))
