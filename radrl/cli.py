@@ -83,10 +83,6 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue from the run folder's latest checkpoint")] = False,
 ) -> None:
     """Train CXRL, or LM-RRG (supervised then CQRL), on a local Ray instance, a cluster (--address) or in-process (--local)."""
-    import logging
-
-    from radrl.config import ConfigError, load_config
-
     overrides = list(set_ or [])
     if local:
         overrides.append("orchestration.local=true")
@@ -94,14 +90,8 @@ def train(
         overrides.append(f"orchestration.address={address}")
     if num_rollout_workers is not None:
         overrides.append(f"rollout.num_workers={num_rollout_workers}")
-    try:
-        cfg = load_config(path or DEFAULT_CONFIG, overrides)
-    except ConfigError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(2) from None
-    # radrl's own progress at INFO; libraries (open_clip logs every model load on the root logger) at WARNING
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("radrl").setLevel(logging.INFO)
+    cfg = _load_config(path, overrides)
+    _setup_logging()
     from radrl.models.weights import MissingWeightsError
     from radrl.orchestration.driver import RunFailed
     from radrl.orchestration.run import run_training
@@ -112,6 +102,49 @@ def train(
         typer.echo(f"radrl train: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(table)
+
+
+def _setup_logging() -> None:
+    """radrl's own progress at INFO; libraries (open_clip logs every model load on the root logger) at WARNING."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("radrl").setLevel(logging.INFO)
+
+
+def _load_config(path: Path | None, overrides: list[str]):
+    from radrl.config import ConfigError, load_config
+
+    try:
+        return load_config(path or DEFAULT_CONFIG, overrides)
+    except ConfigError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command(name="eval")
+def evaluate(
+    path: Annotated[Path | None, typer.Argument(help="YAML config of the run (default: configs/cxrl_tiny.yaml)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="a run folder (its latest checkpoint) or a checkpoint folder; "
+                                                        "cxrl without it: the anchor alone")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="what to evaluate (repeatable): cxrl anchor/policy, "
+                                                         "rrg supervised/policy; default both")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default <run_dir>/eval/<checkpoint>)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set evaluation.reports=256")] = None,
+) -> None:
+    """Evaluate a checkpoint on held-out data: the paper's metrics as a table, CSV, TensorBoard and figures."""
+    cfg = _load_config(path, list(set_ or []))
+    _setup_logging()
+    from radrl.eval.run import run_evaluation
+    from radrl.models.weights import MissingWeightsError
+
+    try:
+        _, table = run_evaluation(cfg, checkpoint, tuple(model) if model else None, out)
+    except (MissingWeightsError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"radrl eval: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(table.read_text())
+    typer.echo(f"written to {table.parent}")
 
 
 @app.command()

@@ -163,7 +163,7 @@ class RewardsConfig(Section):
 
 
 class LearnerConfig(Section):
-    iterations: int = Field(100, ge=1, description="sample→score→update rounds")
+    iterations: int = Field(100, ge=0, description="sample→score→update rounds (rrg: 0 = the supervised stage only)")
     batch_size: int = Field(8, ge=1, description="trajectories per gradient step")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (LoRA)")
     ace_lr: float | None = Field(None, gt=0, description="learning rate of the ACE tokens; default lr")
@@ -188,6 +188,9 @@ class LearnerConfig(Section):
     supervised_epochs: int = Field(3, ge=0, description="rrg: supervised stage before CQRL")
     supervised_lr: float = Field(1e-4, gt=0, description="rrg: AdamW learning rate of the supervised stage")
     supervised_batch_size: int = Field(32, ge=1, description="rrg: image–report pairs per supervised step")
+    supervised_checkpoint: Path | None = Field(
+        None, description="rrg: skip the supervised stage and start CQRL from this finished supervised run "
+                          "(its run folder or one checkpoint folder); e.g. several CQRL variants from one model")
     resources: Resources = Resources()
 
 
@@ -209,6 +212,13 @@ class LoggingConfig(Section):
     eval_seed: int = Field(1234, description="noise seed of the evaluation samples (same for every run)")
 
 
+class EvaluationConfig(Section):
+    reports: int = Field(128, ge=2, description="`radrl eval`: held-out reports (cxrl) or images (rrg), a seeded draw")
+    diversity_reports: int = Field(16, ge=1, description="cxrl: reports sampled several times for MS-SSIM diversity")
+    diversity_samples: int = Field(4, ge=2, description="cxrl: samples per report for MS-SSIM diversity")
+    shown: int = Field(6, ge=1, description="reports shown in the sample figures")
+
+
 # ---------------------------------------------------------------------- experiment
 
 
@@ -222,6 +232,7 @@ class ExperimentConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     logging: LoggingConfig = LoggingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:

@@ -99,6 +99,11 @@ class ReportLearner:
         tensors = {k: v.numpy() for k, v in self.supervised_tensors.items()}
         return PublishedWeights(-1, tensors)
 
+    def load_supervised(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Install another run's finished supervised stage (learner.supervised_checkpoint) before the hand-over."""
+        self._require_stage("supervised")
+        self.policy.load_supervised_state(tensors)
+
     def _require_stage(self, stage: str) -> None:
         if self.policy.stage != stage:
             raise RuntimeError(f"the learner is in its {self.policy.stage} stage, not {stage}")

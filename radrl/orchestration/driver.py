@@ -326,8 +326,8 @@ def restore_learner(run_dir: Path, cfg: ExperimentConfig, roles: Roles, get) -> 
 
 
 # Settings a resumed run may change: where and how big it runs, not what it learns.
-RESUMABLE_CHANGES = ("learner.iterations", "orchestration.", "logging.", "rollout.num_workers", ".resources.",
-                     "rewards.replicas")
+RESUMABLE_CHANGES = ("learner.iterations", "orchestration.", "logging.", "evaluation.", "rollout.num_workers",
+                     ".resources.", "rewards.replicas")
 
 
 def check_resumable(saved: dict, current: dict) -> None:

@@ -21,9 +21,9 @@ from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.pairs import image_report_pairs
 from radrl.data.report_pool import iteration_reports
-from radrl.eval.text_metrics import nlg_and_ce
+from radrl.eval.rrg_eval import report_summary
 from radrl.orchestration.actors import Roles
-from radrl.orchestration.checkpoints import save_checkpoint
+from radrl.orchestration.checkpoints import PREFIX, load_checkpoint, save_checkpoint
 from radrl.orchestration.driver import (RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner,
                                         resume_hint)
 from radrl.orchestration.tracking import TIMING_KEY, RunTracker
@@ -55,6 +55,8 @@ class RRGTrainer:
         self.weight_version = -1
         if resume:
             self.restore()
+        elif cfg.learner.supervised_checkpoint is not None:
+            self.start_from_supervised(cfg.learner.supervised_checkpoint)
         self.tracker = RunTracker(self.run_dir, purge_step=self.iteration + 1 if resume else None)
         self.supervised_tracker = RunTracker(self.run_dir / "supervised",
                                              purge_step=self.epochs_done + 1 if resume else None)
@@ -128,7 +130,7 @@ class RRGTrainer:
                 if self.iteration % cfg.logging.checkpoint_every == 0:
                     self.checkpoint()
             stage = "evaluate"
-            end = self.evaluate()
+            end = self.evaluate() if self.iteration else self.supervised_evaluation  # no CQRL: the same model
         except Exception as error:
             raise RunFailed(self.failure_message(error, stage)) from error
         if self.last_checkpoint != (self.epochs_done, self.iteration):
@@ -179,10 +181,7 @@ class RRGTrainer:
         parts = self.get([workers[k % len(workers)].greedy.remote(images[s:s + size])
                           for k, s in enumerate(range(0, len(images), size))])
         texts = [t for part in parts for t in part]
-        scores = self.get(self.reward_actors[0].evaluate.remote(texts, references))
-        summary = nlg_and_ce(texts, references)
-        summary.update({name: float(np.mean(values)) for name, values in scores.items()})
-        summary["per_report"] = {f"radcliq_{v}": scores[f"radcliq_{v}"].tolist() for v in ("v0", "v1")}
+        summary = report_summary(texts, references, self.get(self.reward_actors[0].evaluate.remote(texts, references)))
         summary["samples"] = texts[:SAMPLE_REPORTS]
         return summary
 
@@ -230,6 +229,17 @@ class RRGTrainer:
             self.weight_version = self.broadcast()
         log.info("resumed from %s (supervised epoch %d, iteration %d)", folder, self.epochs_done, self.iteration)
 
+    def start_from_supervised(self, path: Path) -> None:
+        """Take the supervised stage's result (and its held-out evaluation) from another run: CQRL starts here."""
+        folder, state = finished_supervised_checkpoint(Path(path), self.cfg)
+        tensors, _ = load_checkpoint(folder)
+        self.get(self.roles.learner.load_supervised.remote(
+            {k.removeprefix("supervised/"): v for k, v in tensors.items() if k.startswith("supervised/")}))
+        self.epochs_done = self.cfg.learner.supervised_epochs
+        same_eval = state["config"]["logging"]["eval_reports"] == self.cfg.logging.eval_reports
+        self.supervised_evaluation = state["supervised_evaluation"] if same_eval else None
+        log.info("supervised stage taken from %s (%d epochs)", folder, self.epochs_done)
+
     def failure_message(self, error: Exception, stage: str) -> str:
         return (f"training stopped at supervised epoch {self.epochs_done}, iteration {self.iteration} during {stage}: "
                 f"{type(error).__name__}: {error}. Fix the cause, then {resume_hint(self.run_dir)}.")
@@ -243,6 +253,32 @@ class RRGTrainer:
         self.tracker.write_reward_curves(CURVES)  # only the curves this run logged are drawn
         self.tracker.close()
         self.supervised_tracker.close()
+
+
+# What the supervised stage's result depends on: a CQRL run may start from another run's only if these match.
+SUPERVISED_KEYS = ("seed", "data", "models", "learner.supervised_epochs", "learner.supervised_lr",
+                   "learner.supervised_batch_size")
+
+
+def finished_supervised_checkpoint(path: Path, cfg: ExperimentConfig) -> tuple[Path, dict]:
+    """The checkpoint that ends the supervised stage of the run at `path` (a run folder or a checkpoint folder)."""
+    folders = [path] if (path / "state.json").is_file() else sorted((path / "checkpoints").glob(f"{PREFIX}*"))
+    for folder in folders:
+        state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else None
+        if state and state["supervised_evaluation"] is not None and state["iteration"] == 0:
+            break
+    else:
+        raise FileNotFoundError(f"learner.supervised_checkpoint: no finished supervised stage under {path} (a run "
+                                "folder whose supervised epochs and hand-over evaluation completed, or that checkpoint)")
+    saved, current = state["config"], cfg.model_dump(mode="json")
+    for key in SUPERVISED_KEYS:
+        old, new = saved, current
+        for part in key.split("."):
+            old, new = old[part], new[part]
+        if old != new:
+            raise ValueError(f"learner.supervised_checkpoint: {folder} was trained with a different {key} "
+                             f"({old!r} here it is {new!r}); CQRL must start from the model this config describes")
+    return folder, state
 
 
 def paired_se(before: list[float], after: list[float]) -> float:

@@ -50,7 +50,8 @@ class RunTracker:
 
     def log_image_grid(self, iteration: int, reports: list[str], anchor: torch.Tensor, policy: torch.Tensor) -> Path:
         """Anchor (top) vs policy (bottom) for the same reports and noise, titled with the report text."""
-        figure = image_grid_figure(reports, anchor, policy, f"iteration {iteration}: anchor (top) vs policy (bottom)")
+        figure = image_grid_figure(reports, {"anchor": anchor, "policy": policy},
+                                   f"iteration {iteration}: anchor (top) vs policy (bottom)")
         self.writer.add_figure("samples/anchor_vs_policy", figure, iteration, close=False)
         path = self.run_dir / "grids" / f"iter_{iteration:06d}.png"
         path.parent.mkdir(exist_ok=True)
@@ -58,11 +59,13 @@ class RunTracker:
         plt.close(figure)
         return path
 
-    def write_reward_curves(self, keys: tuple[str, ...] = CXRL_CURVES) -> Path:
+    def write_reward_curves(self, keys: tuple[str, ...] = CXRL_CURVES) -> Path | None:
         """reward_curves.png: the given scalars (default: total reward and each RLCF component) per iteration."""
         history = self.history()
         path = self.run_dir / "reward_curves.png"
         keys = [k for k in keys if history and k in history[0]]
+        if not keys:  # no training iterations (e.g. learner.iterations = 0): nothing to draw
+            return None
         figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
         steps = [h["iteration"] for h in history]
         for ax, key in zip(axes[0], keys):
@@ -81,19 +84,19 @@ class RunTracker:
         self.writer.close()
 
 
-def image_grid_figure(reports: list[str], anchor: torch.Tensor, policy: torch.Tensor, title: str):
-    """A 2 × n grid of grayscale images with wrapped report text above each column."""
+def image_grid_figure(reports: list[str], rows: dict[str, torch.Tensor], title: str):
+    """A grid of grayscale images, one row per named set [n, 1, H, W], with wrapped report text above each column."""
     n = len(reports)
-    figure, axes = plt.subplots(2, n, figsize=(1.9 * n, 5.2), squeeze=False)
-    for column, report in enumerate(reports):
-        for row, images in enumerate((anchor, policy)):
+    figure, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 0.4 + 2.4 * len(rows)), squeeze=False)
+    for row, (name, images) in enumerate(rows.items()):
+        for column in range(n):
             ax = axes[row][column]
             ax.imshow(images[column, 0].numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
+        axes[row][0].set_ylabel(name)
+    for column, report in enumerate(reports):
         axes[0][column].set_title(textwrap.fill(textwrap.shorten(report, 120), 28), fontsize=5.5, loc="left")
-    axes[0][0].set_ylabel("anchor")
-    axes[1][0].set_ylabel("policy")
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return figure

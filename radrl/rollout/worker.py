@@ -60,6 +60,17 @@ class RolloutWorker:
         """The weight version this worker samples with (-1 before the first broadcast)."""
         return self.weight_version
 
+    def generate(self, reports: list[str], noise_seed: int, step_seed: int) -> DiffusionTrajectory:
+        """One DDIM trajectory per report from seeded x_T and per-step noise (the anchor's inside policy.anchor())."""
+        if self.weight_version < 0:
+            raise RuntimeError(f"rollout worker {self.index}: no weights loaded; the driver must broadcast first")
+        rollout = self.cfg.rollout
+        shape = (len(reports), *self.policy.models.latent_shape)
+        initial_noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed)).to(self.device)
+        generator = torch.Generator(self.device).manual_seed(step_seed)
+        return sample_trajectories(self.policy, list(reports), rollout.num_steps, rollout.eta, rollout.guidance_scale,
+                                   initial_noise, self.weight_version, generator)
+
     def sample(self, reports: list[str], seed: int, with_anchor: bool,
                identical_noise: bool = False) -> tuple[DiffusionTrajectory, RolloutImages]:
         """One trajectory per report from the policy, plus the anchor's image of each report if asked.
@@ -71,26 +82,16 @@ class RolloutWorker:
         the comparative reward's gradient would then vanish at the anchor and be biased away from it.
         `identical_noise` does exactly that, for evaluation only (no gradient, lowest-variance pairing).
         """
-        if self.weight_version < 0:
-            raise RuntimeError(f"rollout worker {self.index}: no weights loaded; the driver must broadcast first")
-        rollout = self.cfg.rollout
-        shape = (len(reports), *self.policy.models.latent_shape)
-
-        def run(noise_seed: int, step_seed: int) -> DiffusionTrajectory:
-            initial_noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed)).to(self.device)
-            generator = torch.Generator(self.device).manual_seed(step_seed)
-            return sample_trajectories(self.policy, list(reports), rollout.num_steps, rollout.eta,
-                                       rollout.guidance_scale, initial_noise, self.weight_version, generator)
-
         start = time.perf_counter()
-        trajectory = run(seed, seed + 1)
+        trajectory = self.generate(reports, seed, seed + 1)
         seconds = {"policy": time.perf_counter() - start}
         anchor_images = None
         if with_anchor:
             start = time.perf_counter()
             with self.policy.anchor():
-                shared_start = rollout.share_noise_with_anchor or identical_noise
-                anchor_images = run(seed if shared_start else seed + 2, seed + 1 if identical_noise else seed + 3).images
+                shared_start = self.cfg.rollout.share_noise_with_anchor or identical_noise
+                anchor_images = self.generate(reports, seed if shared_start else seed + 2,
+                                         seed + 1 if identical_noise else seed + 3).images
             seconds["anchor"] = time.perf_counter() - start
         trajectory = trajectory.to("cpu")
         view = RolloutImages(tuple(reports), trajectory.images, None if anchor_images is None else anchor_images.cpu(),
