@@ -22,6 +22,7 @@ from radrl.data.embedded import stable_seed
 from radrl.data.pairs import image_report_pairs
 from radrl.data.report_pool import iteration_reports
 from radrl.eval.rrg_eval import report_summary
+from radrl.eval.text_metrics import nlg_and_ce
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.checkpoints import PREFIX, load_checkpoint, save_checkpoint
 from radrl.orchestration.driver import (RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner,
