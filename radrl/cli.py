@@ -147,6 +147,44 @@ def evaluate(
     typer.echo(f"written to {table.parent}")
 
 
+ABLATION_CONFIGS = [DEFAULT_CONFIG.parent / "ablate_rrg_tiny.yaml", DEFAULT_CONFIG.parent / "ablate_cxrl_tiny.yaml"]
+
+
+@app.command()
+def ablate(
+    paths: Annotated[list[Path] | None, typer.Argument(help="configs whose task's grid to run "
+                                                            "(default: configs/ablate_rrg_tiny.yaml and ablate_cxrl_tiny.yaml)")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per variant (0, 1, …)")] = 3,
+    out: Annotated[Path, typer.Option(help="output folder: tables here, one subfolder per config and cell")] = Path("runs/ablate"),
+    local: Annotated[bool, typer.Option("--local", help="run the cells one by one in this process, no Ray")] = False,
+    address: Annotated[str | None, typer.Option(help="run the cells on a Ray cluster ('auto': the one on this node)")] = None,
+    cpus_per_cell: Annotated[float, typer.Option(min=1, help="CPUs (and torch threads) per cell")] = 1.0,
+    gpus_per_cell: Annotated[float, typer.Option(min=0, help="GPUs per cell (fractions share a device)")] = 0.0,
+    variant: Annotated[list[str] | None, typer.Option(help="run only these rows (repeatable), e.g. --variant full "
+                                                           "--variant anchor; default all")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override for every config, e.g. --set learner.iterations=4")] = None,
+) -> None:
+    """Run the papers' ablation grids (CXRL: components and rewards; LM-RRG: CQRL variants) over seeds; render the tables.
+
+    Finished cells are kept: rerunning the same command runs only what is missing."""
+    overrides = list(set_ or []) + ([f"orchestration.address={address}"] if address else [])
+    grids = {}
+    for path in paths or ABLATION_CONFIGS:
+        grids[path.stem] = _load_config(path, overrides)
+    if len(grids) != len(paths or ABLATION_CONFIGS):
+        typer.echo("radrl ablate: two configs share a file name; give each grid a distinct one", err=True)
+        raise typer.Exit(2)
+    _setup_logging()
+    from radrl.orchestration.ablate import run_ablation
+
+    try:
+        tables = run_ablation(grids, seeds, out, local, cpus_per_cell, gpus_per_cell, tuple(variant or ()))
+    except (RuntimeError, ValueError) as error:
+        typer.echo(f"radrl ablate: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(tables)
+
+
 @app.command()
 def summarize(
     run_dirs: Annotated[list[Path], typer.Argument(help="run folders of finished `radrl train` runs (e.g. one per seed)")],

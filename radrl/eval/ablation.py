@@ -1,0 +1,216 @@
+"""The papers' ablation grids: cells (one variant × one seed), how each runs, and the tables.
+
+    CXRL:   anchor | full | w/o ACE | w/o RLCF        (Table 1)
+            +align | +diag | +consist | all (= full)   (reward ablation, with FID)
+    LM-RRG: w/o CQRL | BLEU-4 reward | fixed λ_KL | full
+
+A cell trains its variant of the config in-process (`orchestration.local`) in its own run
+folder, then evaluates the result with `radrl eval`'s code and writes cell.json. A finished
+cell (cell.json present) is never redone; an interrupted one resumes from its checkpoint.
+LM-RRG's CQRL variants of a seed start from that seed's "w/o CQRL" cell, its supervised stage.
+The CXRL anchor is frozen and every cell is evaluated on the same noise, so it is evaluated
+once (its std over seeds is 0 by construction).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from radrl.config import ExperimentConfig, apply_overrides
+from radrl.eval.cxrl_eval import LABELS as CXRL_LABELS
+from radrl.eval.rrg_eval import METRIC_LABELS as RRG_LABELS
+
+log = logging.getLogger("radrl")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of an ablation table: config overrides, whether it trains, and which model's metrics form the row."""
+
+    name: str
+    label: str
+    overrides: tuple[str, ...] = ()
+    train: bool = True
+    model: str = "policy"
+    starts_from: str | None = None  # rrg: the variant whose supervised stage this one continues
+    seeded: bool = True  # False: the same for every seed, run once
+
+
+CXRL_VARIANTS = (
+    Variant("anchor", "anchor (frozen base)", train=False, model="anchor", seeded=False),
+    Variant("full", "CXRL (full: LoRA + ACE, RLCF, all rewards)"),
+    Variant("no_ace", "w/o ACE", ("learner.ace_tokens=0",)),
+    Variant("no_rlcf", "w/o RLCF (direct feedback)", ("rewards.rlcf=false",)),
+    Variant("align_only", "+align", ("rewards.lambda_diag=0", "rewards.lambda_consist=0")),
+    Variant("diag_only", "+diag", ("rewards.lambda_align=0", "rewards.lambda_consist=0")),
+    Variant("consist_only", "+consist", ("rewards.lambda_align=0", "rewards.lambda_diag=0")),
+)
+RRG_VARIANTS = (
+    Variant("supervised", "w/o CQRL (supervised only)", ("learner.iterations=0",), model="supervised"),
+    Variant("bleu4", "BLEU-4 reward", ("rewards.rrg_reward=bleu4",), starts_from="supervised"),
+    Variant("fixed_kl", "fixed λ_KL", ("learner.adaptive_kl=false",), starts_from="supervised"),
+    Variant("full", "LM-RRG (full: RadCliQ reward, adaptive λ_KL)", starts_from="supervised"),
+)
+# Tables: (title, rows as variant names, columns as metric keys).
+TABLES = {
+    "cxrl": (("CXRL components (paper Table 1)", ("anchor", "full", "no_ace", "no_rlcf"),
+              ("r_align", "auroc", "clip", "fid", "ms_ssim")),
+             ("CXRL rewards (paper reward ablation)", ("align_only", "diag_only", "consist_only", "full"),
+              ("r_align", "auroc", "clip", "fid"))),
+    "rrg": (("LM-RRG ablation (paper Table 1)", ("supervised", "bleu4", "fixed_kl", "full"),
+             ("bleu4", "meteor", "rouge_l", "ce_precision", "ce_recall", "ce_f1", "radcliq_v0", "radcliq_v1")),),
+}
+# The papers' numbers for the same rows (../shared/docs/references.md); MIMIC-CXR, full-size models.
+PAPER = {
+    "cxrl": {"anchor": {"r_align": -0.363, "auroc": 0.65, "clip": 0.285, "fid": 2.58, "ms_ssim": 0.197},
+             "full": {"r_align": -0.246, "auroc": 0.81, "clip": 0.343, "fid": 1.51, "ms_ssim": 0.147},
+             "no_ace": {"r_align": -0.354, "auroc": 0.66, "clip": 0.321},
+             "no_rlcf": {"r_align": -0.319, "auroc": 0.71, "clip": 0.301},
+             "align_only": {"fid": 1.89}, "diag_only": {"fid": 1.64}, "consist_only": {"fid": 1.92}},
+    "rrg": {"full": {"bleu4": 0.122, "meteor": 0.165, "rouge_l": 0.296, "ce_precision": 0.500, "ce_recall": 0.500,
+                     "ce_f1": 0.484, "radcliq_v1": 0.865},
+            "supervised": {"radcliq_v1": 1.023}, "bleu4": {"radcliq_v1": 1.102}, "fixed_kl": {"radcliq_v1": 0.901}},
+}
+LABELS = {"cxrl": CXRL_LABELS, "rrg": RRG_LABELS}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One variant at one seed, run in its own folder."""
+
+    task: str
+    variant: Variant
+    seed: int
+    folder: Path
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.variant, self.seed)
+
+    def config(self, base: ExperimentConfig, cells: dict[str, Cell]) -> ExperimentConfig:
+        """The base config with this variant's overrides, its seed, its run folder, in-process roles."""
+        overrides = [*self.variant.overrides, f"seed={self.seed}", f"logging.run_dir={self.folder}",
+                     "orchestration.local=true"]
+        if self.variant.starts_from:
+            start = cells[f"{self.variant.starts_from}_seed{self.seed}"]
+            overrides.append(f"learner.supervised_checkpoint={start.folder}")
+        return ExperimentConfig.model_validate(apply_overrides(base.model_dump(mode="json"), overrides))
+
+
+def grid(cfg: ExperimentConfig, seeds: int, out_dir: Path, only: tuple[str, ...] = ()) -> dict[str, Cell]:
+    """Every cell of the config's task (or of the `only` variants and what they start from), in an order where
+    each cell comes after the one it starts from."""
+    variants = CXRL_VARIANTS if cfg.task == "cxrl" else RRG_VARIANTS
+    if only:
+        names = {v.name for v in variants}
+        if set(only) - names:
+            raise ValueError(f"unknown {cfg.task} variant(s) {sorted(set(only) - names)}; choose from {sorted(names)}")
+        needed = set(only) | {v.starts_from for v in variants if v.name in only and v.starts_from}
+        variants = tuple(v for v in variants if v.name in needed)
+    cells = {}
+    for variant in variants:
+        for seed in range(seeds) if variant.seeded else (cfg.seed,):
+            key = cell_key(variant, seed)
+            cells[key] = Cell(cfg.task, variant, seed, Path(out_dir) / "cells" / key)
+    return cells
+
+
+def variant_names(task: str) -> tuple[str, ...]:
+    return tuple(v.name for v in (CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS))
+
+
+def cell_key(variant: Variant, seed: int) -> str:
+    return f"{variant.name}_seed{seed}" if variant.seeded else variant.name
+
+
+def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads: int) -> dict:
+    """Train (resuming if interrupted) and evaluate one cell; returns and writes its cell.json. Idempotent."""
+    import torch
+
+    from radrl.eval.run import run_evaluation
+    from radrl.orchestration.checkpoints import latest_checkpoint
+    from radrl.orchestration.run import run_training
+
+    done = cell.folder / "cell.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    torch.set_num_threads(threads)
+    cfg = cell.config(base, cells)
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if cell.variant.train:
+        run_training(cfg, resume=latest_checkpoint(cell.folder) is not None)
+    evaluation, _ = run_evaluation(cfg, cell.folder if cell.variant.train else None, (cell.variant.model,),
+                                   cell.folder / "eval")
+    result = {"cell": cell.key, "variant": cell.variant.name, "seed": cell.seed, "model": cell.variant.model,
+              "metrics": evaluation["metrics"][cell.variant.model], "seconds": time.perf_counter() - start,
+              "backends": evaluation.get("backends")}
+    staging = done.with_suffix(f".tmp{os.getpid()}")
+    staging.write_text(json.dumps(result, indent=1))
+    os.replace(staging, done)  # atomic: a cell.json is always complete
+    return result
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def aggregate(results: list[dict], variant: str, metric: str) -> tuple[float, float, int] | None:
+    """(mean, std over seeds (ddof 1; 0 for one run), runs) of a metric for a variant, or None if it has no run."""
+    values = [r["metrics"][metric] for r in results if r["variant"] == variant and metric in r["metrics"]]
+    if not values:
+        return None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+def ablation_tables(task: str, results: list[dict], seeds: int) -> str:
+    """Markdown: each of the task's tables, measured (mean ± std over seeds), then the paper's numbers."""
+    labels, variants = LABELS[task], {v.name: v for v in (CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS)}
+    parts = []
+    for title, rows, columns in TABLES[task]:
+        header = "| | " + " | ".join(labels[c] for c in columns) + " |"
+        lines = [f"### {title}: measured, mean ± std over {seeds} seed(s)", "", header, "|---" * (len(columns) + 1) + "|"]
+        for row in rows:
+            cells = []
+            for column in columns:
+                found = aggregate(results, row, column)
+                cells.append("not run" if found is None else f"{found[0]:.4f} ± {found[1]:.4f}"
+                             + (f" (n={found[2]})" if variants[row].seeded and found[2] != seeds else ""))
+            lines.append(f"| {variants[row].label} | " + " | ".join(cells) + " |")
+        lines += ["", f"### {title}: the paper (MIMIC-CXR, full-size models)", "", header,
+                  "|---" * (len(columns) + 1) + "|"]
+        for row in rows:
+            paper = PAPER[task].get(row, {})
+            cells = [f"{paper[c]:.3f}" if c in paper else "–" for c in columns]
+            lines.append(f"| {variants[row].label} | " + " | ".join(cells) + " |")
+        if task == "rrg":
+            lines += ["", "The paper gives one RadCliQ without naming its version; it is shown in the v1 column."]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def ablation_figure(task: str, results: list[dict], path: Path) -> None:
+    """One panel per metric of the first table: mean over seeds per row, with each seed's value as a dot."""
+    title, rows, columns = TABLES[task][0]
+    variants = {v.name: v for v in (CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS)}
+    figure, axes = plt.subplots(1, len(columns), figsize=(2.3 * len(columns), 3.2), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for x, row in enumerate(rows):
+            values = [r["metrics"][column] for r in results if r["variant"] == row and column in r["metrics"]]
+            if values:
+                ax.bar(x, np.mean(values), color="C0" if row != "full" else "C1", alpha=0.7)
+                ax.plot([x] * len(values), values, "k.", ms=4)
+        ax.set_xticks(range(len(rows)), [variants[r].label.split(" (")[0] for r in rows], rotation=40, ha="right",
+                      fontsize=7)
+        ax.set_title(LABELS[task][column], fontsize=8)
+    figure.suptitle(f"{title}: mean over seeds (bars), each seed (dots)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

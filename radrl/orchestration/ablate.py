@@ -1,0 +1,155 @@
+"""`radrl ablate`: every cell of one or more ablation grids as Ray tasks (or one by one in this process).
+
+Cells of all grids share one Ray instance, so a 2-CPU machine runs two cells at a time whichever
+grid they belong to. An LM-RRG CQRL cell gets its seed's supervised cell's result as an argument:
+Ray starts it only once that cell has finished. Each cell logs to <cell>/log.txt; the console
+shows one line per finished cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from radrl.config import ExperimentConfig
+from radrl.eval.ablation import Cell, ablation_figure, ablation_tables, grid, run_cell, variant_names
+
+log = logging.getLogger("radrl")
+
+
+@contextmanager
+def cell_log(folder: Path):
+    """Send radrl's INFO log to <folder>/log.txt (not the console) while a cell runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("radrl")
+    handler = logging.FileHandler(folder / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def cell_task(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads: int, after: dict | None = None):
+    """The body of one cell's Ray task (or local call); `after` is the result of the cell it starts from."""
+    with cell_log(cell.folder):
+        return run_cell(cell, base, cells, threads)
+
+
+def brief(result: dict) -> str:
+    keys = ("r_align", "auroc", "clip", "fid") if "fid" in result["metrics"] else ("bleu4", "ce_f1", "radcliq_v1")
+    return "  ".join(f"{k} {result['metrics'][k]:.4f}" for k in keys if k in result["metrics"])
+
+
+def run_ablation(grids: dict[str, ExperimentConfig], seeds: int, out_dir: Path, local: bool = False,
+                 cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0, only: tuple[str, ...] = ()) -> str:
+    """Run every unfinished cell of each grid (name → config; `only`: just these variants and what they start
+    from), then write and return the tables (Markdown)."""
+    start = time.perf_counter()
+    known = {v for cfg in grids.values() for v in variant_names(cfg.task)}
+    if set(only) - known:
+        raise ValueError(f"unknown variant(s) {sorted(set(only) - known)}; choose from {sorted(known)}")
+    all_cells = {}
+    for name, cfg in grids.items():
+        mine = tuple(v for v in only if v in variant_names(cfg.task))
+        if mine or not only:
+            all_cells[name] = grid(cfg, seeds, Path(out_dir) / name, mine)
+    grids = {name: grids[name] for name in all_cells}
+    jobs = [(name, cell) for name, cells in all_cells.items() for cell in cells.values()]
+    finished = sum((cell.folder / "cell.json").is_file() for _, cell in jobs)
+    log.info("radrl ablate: %d cells (%s), %d already finished, %s", len(jobs),
+             ", ".join(f"{name}: {len(cells)}" for name, cells in all_cells.items()), finished,
+             "in-process" if local else f"Ray tasks of {cpus_per_cell:g} CPU each")
+    threads = max(1, int(cpus_per_cell))
+    results, failures = {}, {}
+
+    def done(name: str, cell: Cell, outcome) -> None:
+        if isinstance(outcome, Exception):
+            failures[cell.folder] = outcome
+            log.warning("cell %s/%s failed: %s", name, cell.key, str(outcome).strip().splitlines()[-1])
+        else:
+            results.setdefault(name, []).append(outcome)
+            log.info("[%d/%d] %s/%s (%.0f s): %s", sum(map(len, results.values())) + len(failures), len(jobs), name,
+                     cell.key, outcome["seconds"], brief(outcome))
+
+    if local:
+        for name, cell in jobs:
+            try:
+                outcome = cell_task(cell, grids[name], all_cells[name], threads)
+            except Exception as error:  # one failed cell must not lose the others
+                outcome = error
+            done(name, cell, outcome)
+    else:
+        run_on_ray(jobs, grids, all_cells, threads, cpus_per_cell, gpus_per_cell, done)
+    tables = write_tables(grids, results, seeds, Path(out_dir))
+    log.info("ablation done in %.0f s; tables in %s", time.perf_counter() - start, Path(out_dir) / "ablation.md")
+    if failures:
+        listing = "; ".join(f"{folder}: {str(error).strip().splitlines()[-1]}" for folder, error in failures.items())
+        raise RuntimeError(f"{len(failures)} cell(s) failed ({listing}). Finished cells are kept: fix the cause and "
+                           "rerun the same command, which runs only the unfinished cells (see each cell's log.txt)")
+    return tables
+
+
+def run_on_ray(jobs, grids, all_cells, threads, cpus_per_cell, gpus_per_cell, done) -> None:
+    """Submit every cell as a Ray task (dependent cells take their prerequisite's result ref) and collect them."""
+    import ray
+
+    address = grids[next(iter(grids))].orchestration.address
+    if address:
+        ray.init(address=address, namespace="radrl", log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, namespace="radrl", include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)(cell_task)
+        refs, owners = {}, {}
+        for name, cell in jobs:
+            after = refs.get((name, f"{cell.variant.starts_from}_seed{cell.seed}"))
+            ref = task.options(name=f"radrl-ablate-{name}-{cell.key}").remote(cell, grids[name], all_cells[name],
+                                                                              threads, after)
+            refs[(name, cell.key)], owners[ref] = ref, (name, cell)
+        remaining = list(owners)
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            name, cell = owners[ready[0]]
+            try:
+                outcome = ray.get(ready[0])
+            except ray.exceptions.RayError as error:
+                outcome = error
+            done(name, cell, outcome)
+    finally:
+        ray.shutdown()
+
+
+def write_tables(grids: dict[str, ExperimentConfig], results: dict[str, list[dict]], seeds: int, out_dir: Path) -> str:
+    """ablation.md (all tables), ablation.json / ablation.csv (every cell), <grid>/ablation.png."""
+    parts, rows = [], []
+    for name, cfg in grids.items():
+        found = sorted(results.get(name, []), key=lambda r: (r["variant"], r["seed"]))
+        parts.append(f"## {name} ({cfg.task}, {len(found)} cells)\n\n" + ablation_tables(cfg.task, found, seeds))
+        if found:
+            ablation_figure(cfg.task, found, Path(out_dir) / name / "ablation.png")
+        rows += [{"grid": name, **r} for r in found]
+    tables = "\n\n".join(parts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ablation.md").write_text(tables + "\n")
+    (out_dir / "ablation.json").write_text(json.dumps(rows, indent=1))
+    with (out_dir / "ablation.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["grid", "variant", "seed", "metric", "value"])
+        for row in rows:
+            for metric, value in row["metrics"].items():
+                writer.writerow([row["grid"], row["variant"], row["seed"], metric, value])
+    return tables
