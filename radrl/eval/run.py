@@ -7,7 +7,7 @@ from pathlib import Path
 
 from radrl.config import ExperimentConfig
 from radrl.orchestration.checkpoints import latest_checkpoint
-from radrl.orchestration.driver import check_resumable
+from radrl.orchestration.driver import training_changes
 
 MODELS = {"cxrl": ("anchor", "policy"), "rrg": ("supervised", "policy")}
 
@@ -43,7 +43,11 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: Path | None, models: tuple
 
     checkpoint = resolve_checkpoint(checkpoint)
     if checkpoint is not None:
-        check_resumable(json.loads((checkpoint / "state.json").read_text())["config"], cfg.model_dump(mode="json"))
+        details = training_changes(json.loads((checkpoint / "state.json").read_text())["config"],
+                                   cfg.model_dump(mode="json"))
+        if details:
+            raise ValueError(f"--checkpoint {checkpoint} was trained under a different config ({details}); evaluate "
+                             "it with the config it was trained with (its state.json holds it)")
     models = models or default_models(cfg, checkpoint)
     unknown = set(models) - set(MODELS[cfg.task])
     if unknown or ("policy" in models and checkpoint is None):

@@ -330,8 +330,8 @@ RESUMABLE_CHANGES = ("learner.iterations", "orchestration.", "logging.", "evalua
                      ".resources.", "rewards.replicas")
 
 
-def check_resumable(saved: dict, current: dict) -> None:
-    """Refuse to resume under a config that changes what is being trained."""
+def training_changes(saved: dict, current: dict) -> str:
+    """The settings (first five, 'key: old → new') in which `current` trains something else than `saved`; '' if none."""
     def flat(tree, prefix=""):
         for key, value in tree.items():
             if isinstance(value, dict):
@@ -342,8 +342,12 @@ def check_resumable(saved: dict, current: dict) -> None:
     old, new = dict(flat(saved)), dict(flat(current))
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
                and not any(k.startswith(p) or p in k for p in RESUMABLE_CHANGES)]
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:5])
+    return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:5])
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume under a config that changes what is being trained."""
+    if details := training_changes(saved, current):
         raise ValueError(f"--resume: the config differs from the checkpoint's in what is trained ({details}); "
                          "resume with the original config or start a new run_dir")
 

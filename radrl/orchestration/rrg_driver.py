@@ -278,7 +278,7 @@ def finished_supervised_checkpoint(path: Path, cfg: ExperimentConfig) -> tuple[P
             old, new = old[part], new[part]
         if old != new:
             raise ValueError(f"learner.supervised_checkpoint: {folder} was trained with a different {key} "
-                             f"({old!r} here it is {new!r}); CQRL must start from the model this config describes")
+                             f"({old!r}; this config has {new!r}); CQRL must start from the model this config describes")
     return folder, state
 
 
