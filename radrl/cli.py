@@ -186,6 +186,43 @@ def ablate(
 
 
 @app.command()
+def bench(
+    path: Annotated[Path | None, typer.Argument(help="CXRL config to measure (default: configs/cxrl_tiny.yaml)")] = None,
+    iterations: Annotated[int, typer.Option(min=1, help="measured iterations per setting")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="iterations run before measuring, per setting")] = 1,
+    out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/bench/bench.json"),
+    gpu: Annotated[bool, typer.Option("--gpu", help="also compare radrl's sampler with diffusers' pipeline at SD 1.x "
+                                                    "size (512 px, bf16) on the CUDA device")] = False,
+    gpu_batch: Annotated[int, typer.Option(min=1, help="--gpu: images per sampling call")] = 4,
+    gpu_steps: Annotated[int, typer.Option(min=1, help="--gpu: DDIM steps")] = 50,
+    compile_unet: Annotated[bool, typer.Option("--compile", help="--gpu: torch.compile the UNet")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set rollout.num_steps=20")] = None,
+) -> None:
+    """Measure the CXRL loop: Ray vs in-process throughput, 1 vs 2 rollout workers, stage breakdown, broadcast, anchor."""
+    cfg = _load_config(path, list(set_ or []))
+    _setup_logging()
+    import torch
+
+    from radrl.orchestration.bench import format_report, gpu_sampler_benchmark, run_bench, sd1_models
+
+    if gpu and not torch.cuda.is_available():
+        typer.echo("radrl bench --gpu: no CUDA device here; run it on a GPU machine (the CPU figures need no flag)",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        report = run_bench(cfg, warmup, iterations)
+    except ValueError as error:
+        typer.echo(f"radrl bench: {error}", err=True)
+        raise typer.Exit(2) from None
+    if gpu:
+        report["gpu_sampler"] = gpu_sampler_benchmark(sd1_models(), gpu_batch, gpu_steps, compile_unet=compile_unet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    typer.echo(format_report(report))
+    typer.echo(f"written to {out} ({report['seconds']:.0f} s)")
+
+
+@app.command()
 def summarize(
     run_dirs: Annotated[list[Path], typer.Argument(help="run folders of finished `radrl train` runs (e.g. one per seed)")],
 ) -> None:
