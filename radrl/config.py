@@ -135,6 +135,13 @@ class RolloutConfig(Section):
     eta: float = Field(1.0, gt=0.0, description="DDIM eta; > 0 or log-probs are undefined")
     guidance_scale: float = Field(5.0, ge=1.0, description="classifier-free guidance (also used in training)")
     share_noise_with_anchor: bool = Field(True, description="policy and anchor start from the same noise")
+    noise_seeds_per_report: int = Field(
+        0, ge=0, description="0: a fresh x_T for every sample; K: each sample's x_T is one of K fixed seeds of its "
+                             "report (shared with the anchor), so (report, seed) pairs recur")
+    anchor_cache: bool = Field(False, description="reuse the frozen anchor's scores of recurring (report, x_T seed) "
+                                                  "pairs instead of sampling it again; needs noise_seeds_per_report")
+    precompute_anchor: bool = Field(False, description="score the anchor on every training (report, seed) pair before "
+                                                       "training (for a small data.n_train); needs anchor_cache")
     resources: Resources = Resources()
 
 
@@ -248,6 +255,12 @@ class ExperimentConfig(Section):
                 f"rollout.samples_per_report = {self.rollout.samples_per_report} must divide rollout.batch_size = "
                 f"{self.rollout.batch_size}, so that each report's group is sampled in one batch"
             )
+        rollout = self.rollout
+        if rollout.anchor_cache and not (rollout.noise_seeds_per_report and self.rewards.rlcf):
+            raise ValueError("rollout.anchor_cache needs rollout.noise_seeds_per_report > 0 (recurring (report, seed) "
+                             "pairs) and rewards.rlcf (an anchor to score)")
+        if rollout.precompute_anchor and not rollout.anchor_cache:
+            raise ValueError("rollout.precompute_anchor fills the anchor cache: set rollout.anchor_cache=true too")
         if self.learner.stat_min_count > self.learner.stat_buffer_size:
             raise ValueError("learner.stat_min_count must not exceed learner.stat_buffer_size")
         if self.task == "cxrl" and self.rewards.lambda_align + self.rewards.lambda_diag + self.rewards.lambda_consist == 0:

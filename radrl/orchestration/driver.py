@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from radrl.data.report_pool import iteration_reports, report_pool
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from radrl.orchestration.tracking import REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY, TOTAL_KEY, WIN_RATE_KEY, RunTracker
+from radrl.reward_actors.anchor_cache import AnchorCache, iteration_noise_seeds, pair_seed
 from radrl.reward_actors.rlcf import COMPONENTS, check_finite, combine, paired_variance_ratio, weights
 
 log = logging.getLogger("radrl")
@@ -106,6 +107,7 @@ class CXRLTrainer:
         rollout = cfg.rollout
         self.per_iteration = rollout.num_workers * rollout.batches_per_iteration * rollout.batch_size
         self.iteration, self.last_checkpoint, self.start_evaluation = 0, 0, None
+        self.anchor_cache = AnchorCache() if cfg.rollout.anchor_cache else None
         if resume:
             self.restore()
         self.tracker = RunTracker(self.run_dir, purge_step=self.iteration + 1 if resume else None)
@@ -118,13 +120,19 @@ class CXRLTrainer:
         cfg, timer, start = self.cfg, StageTimer(), time.perf_counter()
         reports = iteration_reports(self.train_pool, self.per_iteration, cfg.seed, self.iteration,
                                     cfg.rollout.samples_per_report)
+        seeds = (iteration_noise_seeds(reports, cfg.rollout.noise_seeds_per_report, cfg.seed, self.iteration)
+                 if cfg.rollout.noise_seeds_per_report else None)
+        uncached = self.anchor_cache.missing(reports, seeds) if self.anchor_cache is not None else None
 
         with timer("sample"):  # 1. policy (and anchor) images; trajectories stay in the object store
-            trajectories, rollouts = self.sample(reports, ("train", cfg.seed, self.iteration), with_anchor=cfg.rewards.rlcf)
+            trajectories, rollouts = self.sample(reports, ("train", cfg.seed, self.iteration), cfg.rewards.rlcf,
+                                                 row_seeds=seeds, anchor_rows=uncached)
         check_staleness([r.weight_version for r in rollouts], self.weight_version, cfg.orchestration.max_staleness)
 
         with timer("score"):  # 2. every reward actor at once, policy and anchor images in one call each
             scores = self.score(rollouts)
+        if self.anchor_cache is not None:  # anchor scores of cached (report, seed) pairs; the new ones are kept
+            scores = replace(scores, anchor=self.anchor_cache.complete(reports, seeds, uncached, scores.anchor))
 
         rewards, components = combine(scores.policy, scores.anchor, cfg.rewards)  # 3. RLCF
 
@@ -146,6 +154,9 @@ class CXRLTrainer:
                 self.start_evaluation = self.evaluate()
                 log.info("start (held-out, %d reports): %s", len(self.eval_reports), format_brief(self.start_evaluation))
                 self.log_grid()
+            if cfg.rollout.precompute_anchor and not self.anchor_cache:
+                stage = "precompute anchor"
+                self.precompute_anchor()
             while self.iteration < cfg.learner.iterations:
                 stage = "train"
                 scalars = self.train_step()
@@ -182,14 +193,17 @@ class CXRLTrainer:
 
     # ------------------------------------------------------------------ stages
 
-    def sample(self, reports: list[str], seed_parts: tuple, with_anchor: bool, identical_noise: bool = False):
-        """Split `reports` into batches over the workers → (trajectory refs, rollout images) in report order."""
-        size = self.cfg.rollout.batch_size
-        batches = [reports[i:i + size] for i in range(0, len(reports), size)]
-        workers = self.roles.workers
-        calls = [workers[k % len(workers)].sample.options(num_returns=2).remote(batch, stable_seed(*seed_parts, k),
-                                                                                 with_anchor, identical_noise)
-                 for k, batch in enumerate(batches)]
+    def sample(self, reports: list[str], seed_parts: tuple, with_anchor: bool, identical_noise: bool = False,
+               row_seeds: list[int] | None = None, anchor_rows: list[int] | None = None):
+        """Split `reports` into batches over the workers → (trajectory refs, rollout images) in report order.
+        `row_seeds` / `anchor_rows` (anchor cache): per-row x_T seeds, and the rows that need an anchor image."""
+        size, workers, calls = self.cfg.rollout.batch_size, self.roles.workers, []
+        for k, start in enumerate(range(0, len(reports), size)):
+            end = start + size
+            seeds = row_seeds[start:end] if row_seeds is not None else None
+            rows = [i - start for i in anchor_rows if start <= i < end] if anchor_rows is not None else None
+            calls.append(workers[k % len(workers)].sample.options(num_returns=2).remote(
+                reports[start:end], stable_seed(*seed_parts, k), with_anchor, identical_noise, seeds, rows))
         trajectories = [trajectory for trajectory, _ in calls]
         return trajectories, self.get([rollout for _, rollout in calls])
 
@@ -199,14 +213,35 @@ class CXRLTrainer:
                    for name, replicas in self.roles.rewards.items()}
         scored = {name: self.get(refs) for name, refs in pending.items()}
         reports = [report for rollout in rollouts for report in rollout.reports]
+        anchor_reports = [r.reports[i] for r in rollouts
+                          for i in (range(len(r.reports)) if r.anchor_rows is None else r.anchor_rows)]
         policy = {name: np.concatenate([s.policy for s in results]) for name, results in scored.items()}
         has_anchor = rollouts[0].anchor_images is not None
         anchor = {name: np.concatenate([s.anchor for s in results]) for name, results in scored.items()} if has_anchor else None
         for name in scored:
             check_finite(name, policy[name], reports)
             if anchor is not None:
-                check_finite(f"{name} (anchor)", anchor[name], reports)
+                check_finite(f"{name} (anchor)", anchor[name], anchor_reports)
         return Scores(reports, policy, anchor, {name: sum(s.seconds for s in results) for name, results in scored.items()})
+
+    def precompute_anchor(self) -> None:
+        """Sample and score the anchor on every (training report, x_T seed) pair once, into the cache."""
+        start, size, workers = time.perf_counter(), self.cfg.rollout.batch_size, self.roles.workers
+        pairs = [(r, pair_seed(r, j, self.cfg.seed)) for r in self.train_pool
+                 for j in range(self.cfg.rollout.noise_seeds_per_report)]
+        batches = [pairs[i:i + size] for i in range(0, len(pairs), size)]
+        images = [workers[k % len(workers)].anchor_images.remote([r for r, _ in b], [s for _, s in b])
+                  for k, b in enumerate(batches)]
+        pending = {name: [replicas[k % len(replicas)].score_images.remote(ref, [r for r, _ in b])
+                          for k, (ref, b) in enumerate(zip(images, batches))]
+                   for name, replicas in self.roles.rewards.items()}
+        scores = {name: np.concatenate(self.get(refs)) for name, refs in pending.items()}
+        reports, seeds = [r for r, _ in pairs], [s for _, s in pairs]
+        for name, values in scores.items():
+            check_finite(f"{name} (anchor)", values, reports)
+        self.anchor_cache.store(reports, seeds, scores)
+        log.info("anchor scores precomputed for %d (report, seed) pairs in %.0f s", len(pairs),
+                 time.perf_counter() - start)
 
     def broadcast(self) -> int:
         """Fetch the learner's newest LoRA + ACE, put them in the object store once, load them on every worker."""
@@ -246,8 +281,11 @@ class CXRLTrainer:
         scalars.update({"loss/policy": update["loss"], "ddpo/approx_kl": update["approx_kl"],
                         "ddpo/clipfrac": update["clipfrac"], "ddpo/grad_norm": update["grad_norm"],
                         "ddpo/advantage_abs": update["advantage_abs"]})
-        images = sum(len(r.reports) * (2 if r.anchor_images is not None else 1) for r in rollouts)
+        images = sum(len(r.reports) + (len(r.anchor_images) if r.anchor_images is not None else 0) for r in rollouts)
         scalars["rollout/images"] = float(images)
+        if self.anchor_cache is not None:
+            scalars["anchor/cache_hit_rate"] = self.anchor_cache.hits / max(1, self.anchor_cache.hits + self.anchor_cache.misses)
+            scalars["anchor/cache_size"] = float(len(self.anchor_cache))
         scalars[THROUGHPUT_KEY] = images / wall
         scalars["broadcast/bytes"] = float(self.broadcast_bytes)
         for stage, value in seconds.items():

@@ -19,7 +19,7 @@ class ScoredRollout:
 
     reward: str
     policy: np.ndarray  # [B]
-    anchor: np.ndarray | None  # [B], None when the rollout had no anchor images
+    anchor: np.ndarray | None  # [A] for the rollout's anchor rows (all B by default), None without anchor images
     seconds: float
 
 
@@ -35,8 +35,13 @@ class RewardScorer:
         start = time.perf_counter()
         images, reports = rollout.policy_images, list(rollout.reports)
         if rollout.anchor_images is not None:
-            images, reports = torch.cat([images, rollout.anchor_images]), reports * 2
+            rows = range(len(reports)) if rollout.anchor_rows is None else rollout.anchor_rows
+            images, reports = torch.cat([images, rollout.anchor_images]), reports + [reports[i] for i in rows]
         scores, _ = self.reward(images, reports, {"weight_version": rollout.weight_version})
         n = len(rollout.reports)
         anchor = scores[n:] if rollout.anchor_images is not None else None
         return ScoredRollout(self.name, scores[:n], anchor, time.perf_counter() - start)
+
+    def score_images(self, images: torch.Tensor, reports: list[str]) -> np.ndarray:
+        """Direct scores of any images of the reports (e.g. anchor images sampled ahead of training)."""
+        return self.reward(images, list(reports), None)[0] if len(reports) else np.zeros(0)

@@ -11,6 +11,7 @@ import math
 
 import torch
 from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 
 def previous_timesteps(scheduler: DDIMScheduler) -> torch.Tensor:
@@ -38,7 +39,7 @@ def ddim_step_with_logprob(
     x_t: torch.Tensor,  # [B, C, H, W]
     eta: float,
     prev_sample: torch.Tensor | None = None,  # [B, C, H, W] recorded x_{t−1}; None = sample one
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (x_{t−1}, log p(x_{t−1} | x_t)) with the log-prob averaged over non-batch dims → [B]."""
     if scheduler.config.prediction_type != "epsilon":
@@ -59,7 +60,8 @@ def ddim_step_with_logprob(
     # μ = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ_t²)·ε
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
     if prev_sample is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        # one generator for the batch, or one per chain (a chain's noise then depends on its own seed only)
+        noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         prev_sample = mean + std * noise
     # log N(x_{t−1}; μ, σ²) per element, then the mean (not sum) over C, H, W: sums over
     # thousands of dimensions overflow the importance ratio.

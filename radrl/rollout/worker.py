@@ -6,8 +6,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from radrl.config import ExperimentConfig
+from radrl.data.embedded import stable_seed
 from radrl.models.diffusion import build_diffusion
 from radrl.models.diffusion_policy import DiffusionPolicy, PublishedWeights
 from radrl.rollout.sampler import DiffusionTrajectory, sample_trajectories
@@ -22,11 +24,19 @@ class RolloutImages:
     anchor_images: torch.Tensor | None  # [B, 1, H, W], None when the anchor was not sampled
     weight_version: int
     seconds: dict[str, float]  # wall time of the policy and the anchor sampling
+    anchor_rows: tuple[int, ...] | None = None  # rows that anchor_images belong to; None = every row
 
 
 def device_for(num_gpus: float) -> str:
     """'cuda' for an actor that was given (part of) a GPU, else 'cpu'."""
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def generators(seed: int | list[int], device: str) -> torch.Generator | list[torch.Generator]:
+    """A seeded generator, or one per seed."""
+    if isinstance(seed, int):
+        return torch.Generator(device).manual_seed(seed)
+    return [torch.Generator(device).manual_seed(s) for s in seed]
 
 
 def build_policy(cfg: ExperimentConfig, device: str) -> DiffusionPolicy:
@@ -60,19 +70,20 @@ class RolloutWorker:
         """The weight version this worker samples with (-1 before the first broadcast)."""
         return self.weight_version
 
-    def generate(self, reports: list[str], noise_seed: int, step_seed: int) -> DiffusionTrajectory:
-        """One DDIM trajectory per report from seeded x_T and per-step noise (the anchor's inside policy.anchor())."""
+    def generate(self, reports: list[str], noise_seed: int | list[int], step_seed: int | list[int]) -> DiffusionTrajectory:
+        """One DDIM trajectory per report from seeded x_T and per-step noise (the anchor's inside policy.anchor()).
+        A seed is one for the batch or one per report (then a chain's noise depends on its own seed only)."""
         if self.weight_version < 0:
             raise RuntimeError(f"rollout worker {self.index}: no weights loaded; the driver must broadcast first")
         rollout = self.cfg.rollout
         shape = (len(reports), *self.policy.models.latent_shape)
-        initial_noise = torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed)).to(self.device)
-        generator = torch.Generator(self.device).manual_seed(step_seed)
+        initial_noise = randn_tensor(shape, generator=generators(noise_seed, "cpu"), device=torch.device("cpu"))
         return sample_trajectories(self.policy, list(reports), rollout.num_steps, rollout.eta, rollout.guidance_scale,
-                                   initial_noise, self.weight_version, generator)
+                                   initial_noise.to(self.device), self.weight_version, generators(step_seed, self.device))
 
-    def sample(self, reports: list[str], seed: int, with_anchor: bool,
-               identical_noise: bool = False) -> tuple[DiffusionTrajectory, RolloutImages]:
+    def sample(self, reports: list[str], seed: int, with_anchor: bool, identical_noise: bool = False,
+               row_seeds: list[int] | None = None, anchor_rows: list[int] | None = None
+               ) -> tuple[DiffusionTrajectory, RolloutImages]:
         """One trajectory per report from the policy, plus the anchor's image of each report if asked.
 
         With `rollout.share_noise_with_anchor` the anchor starts from the policy's x_T (a paired
@@ -81,12 +92,21 @@ class RolloutWorker:
         the per-step noise too would make the anchor's score a function of the policy's actions:
         the comparative reward's gradient would then vanish at the anchor and be biased away from it.
         `identical_noise` does exactly that, for evaluation only (no gradient, lowest-variance pairing).
+
+        `row_seeds` (rollout.noise_seeds_per_report): each report's x_T comes from its own seed, shared with
+        the anchor, whose per-step noise is then seeded from it too: the anchor's image of a (report, seed)
+        pair is always the same, so its scores can be cached and only `anchor_rows` need an anchor image.
         """
         start = time.perf_counter()
-        trajectory = self.generate(reports, seed, seed + 1)
+        trajectory = self.generate(reports, seed if row_seeds is None else row_seeds, seed + 1)
         seconds = {"policy": time.perf_counter() - start}
         anchor_images = None
-        if with_anchor:
+        if with_anchor and row_seeds is not None:
+            anchor_rows = list(range(len(reports))) if anchor_rows is None else anchor_rows
+            start = time.perf_counter()
+            anchor_images = self.anchor_images([reports[i] for i in anchor_rows], [row_seeds[i] for i in anchor_rows])
+            seconds["anchor"] = time.perf_counter() - start
+        elif with_anchor:
             start = time.perf_counter()
             with self.policy.anchor():
                 shared_start = self.cfg.rollout.share_noise_with_anchor or identical_noise
@@ -95,5 +115,13 @@ class RolloutWorker:
             seconds["anchor"] = time.perf_counter() - start
         trajectory = trajectory.to("cpu")
         view = RolloutImages(tuple(reports), trajectory.images, None if anchor_images is None else anchor_images.cpu(),
-                             self.weight_version, seconds)
+                             self.weight_version, seconds, None if anchor_rows is None else tuple(anchor_rows))
         return trajectory, view
+
+    def anchor_images(self, reports: list[str], row_seeds: list[int]) -> torch.Tensor:
+        """The anchor's image of each (report, x_T seed) pair: a function of the pair alone ([B, 1, H, W] on CPU)."""
+        if not reports:
+            return torch.empty(0, 1, self.cfg.data.image_size, self.cfg.data.image_size)
+        with self.policy.anchor():
+            steps = [stable_seed("anchor steps", s) for s in row_seeds]
+            return self.generate(reports, row_seeds, steps).images.cpu()
