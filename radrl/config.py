@@ -209,6 +209,8 @@ class OrchestrationConfig(Section):
     address: str | None = Field(None, description="Ray cluster address ('auto' joins a running one)")
     max_staleness: int = Field(0, ge=0, description="how many versions behind the learner a batch may be (0 = on-policy)")
     dashboard: bool = Field(True, description="start the Ray dashboard with a new local Ray instance")
+    overlap: bool = Field(False, description="sample iteration k+1 while iteration k is scored and trained: "
+                                             "batches one weight version old, so it needs max_staleness ≥ 1")
 
 
 class LoggingConfig(Section):
@@ -259,6 +261,9 @@ class ExperimentConfig(Section):
         if rollout.anchor_cache and not (rollout.noise_seeds_per_report and self.rewards.rlcf):
             raise ValueError("rollout.anchor_cache needs rollout.noise_seeds_per_report > 0 (recurring (report, seed) "
                              "pairs) and rewards.rlcf (an anchor to score)")
+        if self.orchestration.overlap and self.orchestration.max_staleness < 1:
+            raise ValueError("orchestration.overlap samples with the previous weights: set orchestration.max_staleness "
+                             "to 1 or more (the importance ratio corrects one version of staleness)")
         if rollout.precompute_anchor and not rollout.anchor_cache:
             raise ValueError("rollout.precompute_anchor fills the anchor cache: set rollout.anchor_cache=true too")
         if self.learner.stat_min_count > self.learner.stat_buffer_size:

@@ -65,6 +65,17 @@ class StageTimer:
 
 
 @dataclass(frozen=True)
+class SampledBatch:
+    """One iteration's sampling calls, submitted (results may still be in flight)."""
+
+    reports: list[str]
+    seeds: list[int] | None  # per-row x_T seeds (rollout.noise_seeds_per_report), else None
+    uncached: list[int] | None  # rows whose anchor was sampled (anchor cache), else None
+    trajectories: list  # refs of DiffusionTrajectory batches, for the learner
+    rollouts: list  # refs of RolloutImages batches
+
+
+@dataclass(frozen=True)
 class Scores:
     """Direct scores of a set of rollouts: reward name → [B] for policy and (if sampled) anchor images."""
 
@@ -108,6 +119,8 @@ class CXRLTrainer:
         self.per_iteration = rollout.num_workers * rollout.batches_per_iteration * rollout.batch_size
         self.iteration, self.last_checkpoint, self.start_evaluation = 0, 0, None
         self.anchor_cache = AnchorCache() if cfg.rollout.anchor_cache else None
+        self.next_batch: SampledBatch | None = None  # orchestration.overlap: the next iteration's, in flight
+        self.loading = []  # orchestration.overlap: workers' pending weight loads
         if resume:
             self.restore()
         self.tracker = RunTracker(self.run_dir, purge_step=self.iteration + 1 if resume else None)
@@ -118,16 +131,19 @@ class CXRLTrainer:
     def train_step(self) -> dict[str, float]:
         """One iteration: sample → score → RLCF rewards → DDPO update → broadcast. Returns its scalars."""
         cfg, timer, start = self.cfg, StageTimer(), time.perf_counter()
-        reports = iteration_reports(self.train_pool, self.per_iteration, cfg.seed, self.iteration,
-                                    cfg.rollout.samples_per_report)
-        seeds = (iteration_noise_seeds(reports, cfg.rollout.noise_seeds_per_report, cfg.seed, self.iteration)
-                 if cfg.rollout.noise_seeds_per_report else None)
-        uncached = self.anchor_cache.missing(reports, seeds) if self.anchor_cache is not None else None
 
         with timer("sample"):  # 1. policy (and anchor) images; trajectories stay in the object store
-            trajectories, rollouts = self.sample(reports, ("train", cfg.seed, self.iteration), cfg.rewards.rlcf,
-                                                 row_seeds=seeds, anchor_rows=uncached)
+            batch = self.next_batch or self.submit_batch(self.iteration)
+            reports, seeds, uncached, trajectories = batch.reports, batch.seeds, batch.uncached, batch.trajectories
+            rollouts = self.get(batch.rollouts)
+            held = self.get(self.loading)  # queued behind this batch on each worker: done by now
+            if any(version != self.weight_version for version in held):
+                raise RuntimeError(f"workers hold weight versions {held} after broadcasting {self.weight_version}")
+            self.next_batch = None
+            if cfg.orchestration.overlap and self.iteration + 1 < cfg.learner.iterations:
+                self.next_batch = self.submit_batch(self.iteration + 1)  # sampled while this one trains
         check_staleness([r.weight_version for r in rollouts], self.weight_version, cfg.orchestration.max_staleness)
+        staleness = self.weight_version - min(r.weight_version for r in rollouts)
 
         with timer("score"):  # 2. every reward actor at once, policy and anchor images in one call each
             scores = self.score(rollouts)
@@ -139,12 +155,13 @@ class CXRLTrainer:
         with timer("update"):  # 4. DDPO on the learner
             update = self.get(self.roles.learner.update.remote(rewards, *trajectories))
 
-        with timer("broadcast"):  # 5. new LoRA + ACE to every worker
-            self.weight_version = self.broadcast()
+        with timer("broadcast"):  # 5. new LoRA + ACE to every worker (with overlap: queued behind their sampling)
+            self.weight_version = self.broadcast(wait=not cfg.orchestration.overlap)
 
         self.iteration += 1
-        return self.iteration_scalars(rollouts, scores, rewards, components, update, timer.seconds,
-                                      time.perf_counter() - start)
+        scalars = self.iteration_scalars(rollouts, scores, rewards, components, update, timer.seconds,
+                                         time.perf_counter() - start)
+        return {"rollout/staleness": float(staleness), **scalars}
 
     def run(self) -> dict:
         """Train to learner.iterations (from a resumed checkpoint if any); returns the start/end evaluation."""
@@ -193,10 +210,23 @@ class CXRLTrainer:
 
     # ------------------------------------------------------------------ stages
 
+    def submit_batch(self, iteration: int) -> SampledBatch:
+        """Start sampling an iteration's reports on the workers (its anchor only where the cache lacks it)."""
+        cfg = self.cfg
+        reports = iteration_reports(self.train_pool, self.per_iteration, cfg.seed, iteration,
+                                    cfg.rollout.samples_per_report)
+        seeds = (iteration_noise_seeds(reports, cfg.rollout.noise_seeds_per_report, cfg.seed, iteration)
+                 if cfg.rollout.noise_seeds_per_report else None)
+        uncached = self.anchor_cache.missing(reports, seeds) if self.anchor_cache is not None else None
+        trajectories, rollouts = self.sample(reports, ("train", cfg.seed, iteration), cfg.rewards.rlcf,
+                                             row_seeds=seeds, anchor_rows=uncached, wait=False)
+        return SampledBatch(reports, seeds, uncached, trajectories, rollouts)
+
     def sample(self, reports: list[str], seed_parts: tuple, with_anchor: bool, identical_noise: bool = False,
-               row_seeds: list[int] | None = None, anchor_rows: list[int] | None = None):
-        """Split `reports` into batches over the workers → (trajectory refs, rollout images) in report order.
-        `row_seeds` / `anchor_rows` (anchor cache): per-row x_T seeds, and the rows that need an anchor image."""
+               row_seeds: list[int] | None = None, anchor_rows: list[int] | None = None, wait: bool = True):
+        """Split `reports` into batches over the workers → (trajectory refs, rollout images) in report order
+        (rollout refs if not `wait`). `row_seeds` / `anchor_rows` (anchor cache): per-row x_T seeds, and the
+        rows that need an anchor image."""
         size, workers, calls = self.cfg.rollout.batch_size, self.roles.workers, []
         for k, start in enumerate(range(0, len(reports), size)):
             end = start + size
@@ -204,8 +234,8 @@ class CXRLTrainer:
             rows = [i - start for i in anchor_rows if start <= i < end] if anchor_rows is not None else None
             calls.append(workers[k % len(workers)].sample.options(num_returns=2).remote(
                 reports[start:end], stable_seed(*seed_parts, k), with_anchor, identical_noise, seeds, rows))
-        trajectories = [trajectory for trajectory, _ in calls]
-        return trajectories, self.get([rollout for _, rollout in calls])
+        trajectories, rollouts = [trajectory for trajectory, _ in calls], [rollout for _, rollout in calls]
+        return trajectories, self.get(rollouts) if wait else rollouts
 
     def score(self, rollouts) -> Scores:
         """Direct scores of every reward for every rollout, all reward actors working concurrently."""
@@ -243,9 +273,10 @@ class CXRLTrainer:
         log.info("anchor scores precomputed for %d (report, seed) pairs in %.0f s", len(pairs),
                  time.perf_counter() - start)
 
-    def broadcast(self) -> int:
-        """Fetch the learner's newest LoRA + ACE, put them in the object store once, load them on every worker."""
-        published = broadcast_weights(self.roles)
+    def broadcast(self, wait: bool = True) -> int:
+        """Fetch the learner's newest LoRA + ACE, put them in the object store once, load them on every worker
+        (not `wait`: the loads are queued and checked when the next batch is collected)."""
+        published, self.loading = broadcast_weights(self.roles, wait)
         self.broadcast_bytes = published.nbytes
         return published.version
 
@@ -340,15 +371,19 @@ def resume_hint(run_dir: Path) -> str:
     return f"rerun with --resume to continue from {latest.name}" if latest else "no checkpoint was written yet"
 
 
-def broadcast_weights(roles: Roles):
-    """The learner's newest published adapter tensors → one object-store copy → loaded by every worker."""
+def broadcast_weights(roles: Roles, wait: bool = True):
+    """The learner's newest published adapter tensors → one object-store copy → loaded by every worker.
+    Returns (published, pending load refs): none pending when `wait`, else the caller gets them later."""
     get = roles.cluster.get
     published = get(roles.learner.publish.remote())
     ref = roles.cluster.put(published)  # one object; each worker reads the same copy
-    held = get([worker.load_weights.remote(ref) for worker in roles.workers])
+    loads = [worker.load_weights.remote(ref) for worker in roles.workers]
+    if not wait:
+        return published, loads
+    held = get(loads)
     if any(version != published.version for version in held):
         raise RuntimeError(f"workers hold weight versions {held} after broadcasting {published.version}")
-    return published
+    return published, []
 
 
 def restore_learner(run_dir: Path, cfg: ExperimentConfig, roles: Roles, get) -> tuple[Path, dict]:

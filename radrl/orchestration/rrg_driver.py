@@ -171,7 +171,7 @@ class RRGTrainer:
 
     def broadcast(self) -> int:
         """Fetch the learner's newest RL LoRA, put it in the object store once, load it on every worker."""
-        published = broadcast_weights(self.roles)
+        published, _ = broadcast_weights(self.roles)
         self.broadcast_bytes = published.nbytes
         return published.version
 
