@@ -7,6 +7,8 @@ and models for `warmup` + `iterations` iterations and keeps the measured ones:
     ray            the same work on Ray actors, one rollout worker
     ray-1-thread   one rollout worker with one CPU (one torch thread)
     ray-2-workers  two rollout workers with one CPU each, half the batch each (same images per iteration)
+    ray-anchor-cache   anchor scores cached per (report, x_T seed) and precomputed (steady state)
+    ray-overlap    iteration k+1 sampled while k is scored and trained (one version stale)
 
 From these: the Ray/in-process throughput ratio, the 2-vs-1 worker sampling speed-up, the stage
 breakdown (sampling split into policy and anchor, each reward, update, broadcast, logging,
@@ -38,6 +40,10 @@ SETTINGS = {
     "ray": [],
     "ray-1-thread": ["rollout.resources.num_cpus=1"],
     "ray-2-workers": ["rollout.num_workers=2", "rollout.resources.num_cpus=1"],
+    # a pool of 8 training reports × 4 x_T seeds, anchor scores precomputed: the steady state of a cached run
+    "ray-anchor-cache": ["data.n_train=8", "rollout.noise_seeds_per_report=4", "rollout.anchor_cache=true",
+                         "rollout.precompute_anchor=true"],
+    "ray-overlap": ["orchestration.overlap=true", "orchestration.max_staleness=1"],
 }
 DRIVER_STAGES = ("sample", "score", "update", "broadcast", "logging")
 
@@ -55,9 +61,11 @@ def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:
     roles = start_roles(cfg)
     try:
         trainer = CXRLTrainer(cfg, roles)
+        if cfg.rollout.precompute_anchor:
+            trainer.precompute_anchor()
         for _ in range(warmup):
             trainer.train_step()
-        seconds, images, start = defaultdict(float), 0.0, time.perf_counter()
+        seconds, sampled, start = defaultdict(float), 0.0, time.perf_counter()
         for _ in range(iterations):
             scalars = trainer.train_step()
             logged = time.perf_counter()
@@ -67,8 +75,9 @@ def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:
             for key, value in scalars.items():
                 if key.startswith("timing/"):
                     seconds[key.removeprefix("timing/")] += value
-            images += scalars["rollout/images"]
+            sampled += scalars["rollout/images"]  # policy and anchor images
         wall = time.perf_counter() - start
+        trained = trainer.per_iteration * iterations  # policy images: the trajectories the learner trains on
         broadcast_bytes = scalars["broadcast/bytes"]
     finally:
         roles.cluster.shutdown()
@@ -76,8 +85,8 @@ def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:
     iteration = wall / iterations
     stages["idle"] = iteration - sum(stages[s] for s in DRIVER_STAGES)
     sampled = sum(stages.get(f"rollout_{who}", 0.0) for who in ("policy", "anchor"))
-    return {"images_per_s": images / wall, "iteration_s": iteration, "stages_s": stages,
-            "sample_images_per_s": images / iterations / stages["sample"], "broadcast_bytes": broadcast_bytes,
+    return {"images_per_s": trained / wall, "iteration_s": iteration, "stages_s": stages,
+            "sample_images_per_s": sampled / iterations / stages["sample"], "broadcast_bytes": broadcast_bytes,
             "anchor_share_of_rollout": stages.get("rollout_anchor", 0.0) / sampled if sampled else 0.0}
 
 
@@ -125,7 +134,14 @@ def figures(results: dict) -> dict:
     if "ray" in results:
         ray = results["ray"]
         found["broadcast_latency_share_of_iteration"] = ray["stages_s"]["broadcast"] / ray["iteration_s"]
-        found["anchor_share_of_rollout"] = ray["anchor_share_of_rollout"]
+        found["anchor_share_of_rollout_uncached"] = ray["anchor_share_of_rollout"]
+    if "ray-anchor-cache" in results:
+        cached = results["ray-anchor-cache"]
+        found["anchor_share_of_rollout"] = cached["anchor_share_of_rollout"]
+        if "ray" in results:
+            found["anchor_cache_iteration_speedup"] = cached["images_per_s"] / results["ray"]["images_per_s"]
+    if "ray-overlap" in results and "ray" in results:
+        found["overlap_throughput_ratio"] = results["ray-overlap"]["images_per_s"] / results["ray"]["images_per_s"]
     return found
 
 
@@ -146,7 +162,8 @@ def format_report(report: dict) -> str:
     for name, result in settings.items():
         cells = [f"{result['stages_s'].get(s, 0.0):.2f}" for s in stages]
         lines.append(f"| {name} | {result['images_per_s']:.2f} | {result['iteration_s']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "Stage seconds per iteration; rollout_policy/anchor and reward_* are seconds inside the actors "
+    lines += ["", "images/s: policy images (trajectories trained on) per second of the loop. "
+                  "Stage seconds per iteration; rollout_policy/anchor and reward_* are seconds inside the actors "
                   "(summed over workers), the rest driver wall time; idle = the iteration's wall time not in a stage.",
               "", "| figure | measured | target |", "|---|---|---|"]
     for key, value in report["figures"].items():
