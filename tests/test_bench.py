@@ -1,0 +1,46 @@
+"""`radrl bench` on tiny settings: every figure is produced; the GPU sampler comparison runs (here on CPU)."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel
+
+from radrl.config import load_config
+from radrl.models.diffusion import DiffusionModels, latent_scheduler, tiny_text_encoder_config, tiny_unet_config
+from radrl.models.weights import embedded_path
+from radrl.orchestration.bench import format_report, gpu_sampler_benchmark, peak_flops, run_bench
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_measures_every_setting_and_derives_the_figures():
+    cfg = load_config(None, ["rollout.num_steps=2", "rollout.batch_size=4", "learner.batch_size=4",
+                             "learner.stat_buffer_size=4", "learner.stat_min_count=2"])
+    report = run_bench(cfg, warmup=0, iterations=1, settings=("in-process", "ray", "ray-anchor-cache"))
+    assert set(report["settings"]) == {"in-process", "ray", "ray-anchor-cache"}
+    for result in report["settings"].values():
+        assert result["images_per_s"] > 0 and result["stages_s"]["sample"] > 0
+        assert result["iteration_s"] >= sum(result["stages_s"][s] for s in ("sample", "score", "update")) - 1e-6
+    figures = report["figures"]
+    assert figures["ray_vs_in_process"] > 0 and 0 <= figures["broadcast_latency_share_of_iteration"] < 1
+    # the cache was filled before measuring: no anchor sampled in steady state
+    assert figures["anchor_share_of_rollout"] < figures["anchor_share_of_rollout_uncached"]
+    assert report["settings"]["ray"]["broadcast_bytes"] < report["unet_bytes"] / 10  # adapter tensors only
+    table = format_report(report)
+    assert "ray_vs_in_process" in table and "not measured in this run" in table
+
+
+def test_sampler_comparison_with_diffusers_pipeline_runs_on_a_tiny_latent_model():
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_path("tokenizer")))
+    text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer)))
+    unet = UNet2DConditionModel(**{**tiny_unet_config(8, text_encoder.config.hidden_size), "in_channels": 4,
+                                   "out_channels": 4})
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, sample_size=16)
+    models = DiffusionModels(unet, text_encoder, tokenizer, latent_scheduler(), vae)
+    result = gpu_sampler_benchmark(models, batch=2, steps=2, device="cpu", dtype=torch.float32, repeats=1,
+                                   channels_last=False)
+    assert result["radrl_images_per_s"] > 0 and result["diffusers_images_per_s"] > 0
+    assert result["flops_per_sample_call"] > 0 and result["share_of_peak"] is None  # no peak known for a CPU
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
