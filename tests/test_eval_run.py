@@ -108,6 +108,9 @@ def test_ablate_in_process_keeps_finished_cells_and_reruns_only_missing_ones(tmp
     assert redone["metrics"] == first["metrics"] and again == tables  # resumed from its checkpoint, not retrained
     with pytest.raises(ValueError, match="unknown variant"):
         run_ablation(grids, seeds=1, out_dir=tmp_path / "ablate", local=True, only=("bleu4",))
+    changed = {"cxrl": config(CXRL, tmp_path / "unused", **{"learner.iterations": 1, "learner.lr": 1e-3})}
+    with pytest.raises(RuntimeError, match="holds results of another config"):  # never mixes two configs' cells
+        run_ablation(changed, seeds=1, out_dir=tmp_path / "ablate", local=True, only=("full",))
 
 
 def test_ablate_on_ray_runs_dependent_cells_after_their_supervised_cell(tmp_path):

@@ -140,10 +140,15 @@ def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads
     from radrl.orchestration.run import run_training
 
     done = cell.folder / "cell.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    torch.set_num_threads(threads)
     cfg = cell.config(base, cells)
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "orchestration"}  # where it ran: free
+    if done.is_file():
+        result = json.loads(done.read_text())
+        if result.get("config") != settings:
+            raise ValueError(f"{done} holds results of another config; delete {cell.folder} to recompute this cell, "
+                             "or give the ablation another --out")
+        return result
+    torch.set_num_threads(threads)
     cell.folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if cell.variant.train:
@@ -152,7 +157,7 @@ def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads
                                    cell.folder / "eval")
     result = {"cell": cell.key, "variant": cell.variant.name, "seed": cell.seed, "model": cell.variant.model,
               "metrics": evaluation["metrics"][cell.variant.model], "seconds": time.perf_counter() - start,
-              "backends": evaluation.get("backends")}
+              "backends": evaluation.get("backends"), "config": settings}
     staging = done.with_suffix(f".tmp{os.getpid()}")
     staging.write_text(json.dumps(result, indent=1))
     os.replace(staging, done)  # atomic: a cell.json is always complete
