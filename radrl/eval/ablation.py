@@ -202,7 +202,8 @@ def ablation_tables(task: str, results: list[dict], seeds: int) -> str:
 
 
 def ablation_figure(task: str, results: list[dict], path: Path) -> None:
-    """One panel per metric of the first table: mean over seeds per row, with each seed's value as a dot."""
+    """One panel per metric of the first table: each seed's value (dots), mean ± std over seeds (bar), axes zoomed
+    to the data: the differences between rows are small next to the values."""
     title, rows, columns = TABLES[task][0]
     variants = {v.name: v for v in (CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS)}
     figure, axes = plt.subplots(1, len(columns), figsize=(2.3 * len(columns), 3.2), squeeze=False)
@@ -210,12 +211,15 @@ def ablation_figure(task: str, results: list[dict], path: Path) -> None:
         for x, row in enumerate(rows):
             values = [r["metrics"][column] for r in results if r["variant"] == row and column in r["metrics"]]
             if values:
-                ax.bar(x, np.mean(values), color="C0" if row != "full" else "C1", alpha=0.7)
-                ax.plot([x] * len(values), values, "k.", ms=4)
+                ax.plot([x] * len(values), values, ".", color="grey", ms=4)
+                ax.errorbar(x, np.mean(values), yerr=np.std(values), fmt="o", color="C1" if row == "full" else "C0",
+                            capsize=3)
         ax.set_xticks(range(len(rows)), [variants[r].label.split(" (")[0] for r in rows], rotation=40, ha="right",
                       fontsize=7)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_title(LABELS[task][column], fontsize=8)
-    figure.suptitle(f"{title}: mean over seeds (bars), each seed (dots)", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    figure.suptitle(f"{title}: each seed (grey), mean ± std over seeds", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
