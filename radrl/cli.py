@@ -188,8 +188,10 @@ def ablate(
 @app.command()
 def bench(
     path: Annotated[Path | None, typer.Argument(help="CXRL config to measure (default: configs/cxrl_tiny.yaml)")] = None,
-    iterations: Annotated[int, typer.Option(min=1, help="measured iterations per setting")] = 3,
+    iterations: Annotated[int, typer.Option(min=1, help="measured iterations per setting")] = 2,
     warmup: Annotated[int, typer.Option(min=0, help="iterations run before measuring, per setting")] = 1,
+    batch: Annotated[int, typer.Option(min=4, help="policy images per iteration (rollout and learner batch); "
+                                                   "half per worker with two workers")] = 8,
     out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/bench/bench.json"),
     gpu: Annotated[bool, typer.Option("--gpu", help="also compare radrl's sampler with diffusers' pipeline at SD 1.x "
                                                     "size (512 px, bf16) on the CUDA device")] = False,
@@ -199,7 +201,7 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set rollout.num_steps=20")] = None,
 ) -> None:
     """Measure the CXRL loop: Ray vs in-process throughput, 1 vs 2 rollout workers, stage breakdown, broadcast, anchor."""
-    cfg = _load_config(path, list(set_ or []))
+    cfg = _load_config(path, [f"rollout.batch_size={batch}", f"learner.batch_size={batch}", *(set_ or [])])
     _setup_logging()
     import torch
 
