@@ -124,7 +124,8 @@ def _load_config(path: Path | None, overrides: list[str]):
 
 @app.command(name="eval")
 def evaluate(
-    path: Annotated[Path | None, typer.Argument(help="YAML config of the run (default: configs/cxrl_tiny.yaml)")] = None,
+    path: Annotated[Path | None, typer.Argument(help="YAML config of the run (default: the checkpoint's own config, "
+                                                     "else configs/cxrl_tiny.yaml)")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="a run folder (its latest checkpoint) or a checkpoint folder; "
                                                         "cxrl without it: the anchor alone")] = None,
     model: Annotated[list[str] | None, typer.Option(help="what to evaluate (repeatable): cxrl anchor/policy, "
@@ -133,11 +134,16 @@ def evaluate(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set evaluation.reports=256")] = None,
 ) -> None:
     """Evaluate a checkpoint on held-out data: the paper's metrics as a table, CSV, TensorBoard and figures."""
-    cfg = _load_config(path, list(set_ or []))
-    _setup_logging()
-    from radrl.eval.run import run_evaluation
+    from radrl.eval.run import checkpoint_config, run_evaluation
     from radrl.models.weights import MissingWeightsError
 
+    try:
+        cfg = checkpoint_config(checkpoint, list(set_ or [])) if path is None and checkpoint else None
+    except (FileNotFoundError, ValueError) as error:  # no checkpoint there, or a --set the config rejects
+        typer.echo(f"radrl eval: {error}", err=True)
+        raise typer.Exit(1) from None
+    cfg = cfg or _load_config(path, list(set_ or []))
+    _setup_logging()
     try:
         _, table = run_evaluation(cfg, checkpoint, tuple(model) if model else None, out)
     except (MissingWeightsError, FileNotFoundError, ValueError) as error:

@@ -80,6 +80,11 @@ def test_cqrl_from_another_runs_supervised_stage_and_rrg_eval(tmp_path):
     assert before["metrics"]["supervised"] == evaluation["metrics"]["supervised"]  # the same supervised model
     assert {"radcliq_v1", "ce_f1", "bleu4", "bleu2"} <= set(evaluation["metrics"]["policy"])
     assert (tmp_path / "eval" / "samples.png").is_file() and "labels that differ" in (tmp_path / "eval" / "samples.md").read_text()
+    # no config given: the checkpoint's own
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "rl"), "--model", "policy",
+                                      "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["metrics"]["policy"] == evaluation["metrics"]["policy"]
     assert "RadCliQ feature: rule entity/relation F1" in table.read_text()
 
     with pytest.raises(ValueError, match="different learner.supervised_lr"):

@@ -26,6 +26,14 @@ def resolve_checkpoint(path: Path | None) -> Path | None:
     return latest
 
 
+def checkpoint_config(path: Path, overrides: list[str]) -> ExperimentConfig:
+    """The config a checkpoint was trained with (its state.json), with `--set` overrides."""
+    from radrl.config import apply_overrides
+
+    state = json.loads((resolve_checkpoint(path) / "state.json").read_text())
+    return ExperimentConfig.model_validate(apply_overrides(state["config"], overrides))
+
+
 def default_models(cfg: ExperimentConfig, checkpoint: Path | None) -> tuple[str, ...]:
     """What to compare: the frozen base model and, when a checkpoint is given, its policy."""
     if cfg.task == "cxrl":
