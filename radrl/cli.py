@@ -204,21 +204,38 @@ def bench(
     gpu_batch: Annotated[int, typer.Option(min=1, help="--gpu: images per sampling call")] = 4,
     gpu_steps: Annotated[int, typer.Option(min=1, help="--gpu: DDIM steps")] = 50,
     compile_unet: Annotated[bool, typer.Option("--compile", help="--gpu: torch.compile the UNet")] = False,
+    overlap_curves: Annotated[bool, typer.Option(
+        "--overlap-curves", help="instead: train with overlap off and on (rollout and learner on one core each) and "
+                                 "compare seconds per iteration and reward curves (long: whole runs)")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="--overlap-curves: runs per setting")] = 2,
+    curve_iterations: Annotated[int, typer.Option(min=2, help="--overlap-curves: iterations per run")] = 20,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set rollout.num_steps=20")] = None,
 ) -> None:
     """Measure the CXRL loop: Ray vs in-process throughput, 1 vs 2 rollout workers, stage breakdown, broadcast, anchor."""
-    cfg = _load_config(path, [f"rollout.batch_size={batch}", f"learner.batch_size={batch}", *(set_ or [])])
+    sizes = [f"rollout.batch_size={batch}", f"learner.batch_size={batch}"]
+    if overlap_curves:
+        sizes.append(f"learner.iterations={curve_iterations}")
+    cfg = _load_config(path, [*sizes, *(set_ or [])])
     _setup_logging()
     import torch
 
+    from radrl.orchestration import bench as benchmarks
     from radrl.orchestration.bench import format_report, gpu_sampler_benchmark, run_bench, sd1_models
+
+    if overlap_curves:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = benchmarks.overlap_curves(cfg, tuple(range(seeds)), out.parent)
+        typer.echo(benchmarks.format_overlap(report))
+        typer.echo(f"written to {out.parent / 'overlap_curves.json'} and {report['figure']}")
+        return
 
     if gpu and not torch.cuda.is_available():
         typer.echo("radrl bench --gpu: no CUDA device here; run it on a GPU machine (the CPU figures need no flag)",
                    err=True)
         raise typer.Exit(2)
     try:
-        report = run_bench(cfg, warmup, iterations)
+        settings = (*benchmarks.SETTINGS, *(benchmarks.GPU_SETTINGS if gpu else ()))
+        report = run_bench(cfg, warmup, iterations, settings)
     except ValueError as error:
         typer.echo(f"radrl bench: {error}", err=True)
         raise typer.Exit(2) from None

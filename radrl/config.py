@@ -68,6 +68,12 @@ class DiffusionModelConfig(Section):
     weights: str = Field(EMBEDDED, description="'embedded', 'random', or a diffusers SD 1.x folder / hub id (RoentGen)")
     arch: Literal["tiny", "sd1"] = Field("tiny", description="architecture when weights='random'")
     use_vae: bool = Field(False, description="denoise VAE latents (SD 1.x) instead of pixels (tiny)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the frozen UNet, text encoder and VAE are stored and run in bfloat16 (GPU); LoRA, "
+                            "ACE, optimizer state, latents and log-probs stay fp32")
+    channels_last: bool = Field(False, description="UNet convolutions in channels-last memory format (GPU tensor cores)")
+    compile: bool = Field(False, description="torch.compile the UNet in rollout workers and the learner (the first "
+                                             "calls compile, once for the policy and once for the anchor)")
 
 
 class PostureModelConfig(Section):

@@ -1,14 +1,14 @@
 """`radrl bench` on tiny settings: every figure is produced; the GPU sampler comparison runs (here on CPU)."""
 
 import pytest
-import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
 from radrl.config import load_config
 from radrl.models.diffusion import DiffusionModels, latent_scheduler, tiny_text_encoder_config, tiny_unet_config
 from radrl.models.weights import embedded_path
-from radrl.orchestration.bench import format_report, gpu_sampler_benchmark, peak_flops, run_bench
+from radrl.orchestration.bench import GPU_SETTINGS, format_report, gpu_sampler_benchmark, peak_flops, run_bench, \
+    setting_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,7 @@ def test_bench_measures_every_setting_and_derives_the_figures():
     # the cache was filled before measuring: no anchor sampled in steady state
     assert figures["anchor_share_of_rollout"] < figures["anchor_share_of_rollout_uncached"]
     assert report["settings"]["ray"]["broadcast_bytes"] < report["unet_bytes"] / 10  # adapter tensors only
+    assert 0 < figures["ray_runtime_cpu_share"] < 1  # raylet, GCS and agents did some work meanwhile
     table = format_report(report)
     assert "ray_vs_in_process" in table and "not measured in this run" in table
 
@@ -39,8 +40,18 @@ def test_sampler_comparison_with_diffusers_pipeline_runs_on_a_tiny_latent_model(
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, sample_size=16)
     models = DiffusionModels(unet, text_encoder, tokenizer, latent_scheduler(), vae)
-    result = gpu_sampler_benchmark(models, batch=2, steps=2, device="cpu", dtype=torch.float32, repeats=1,
+    result = gpu_sampler_benchmark(models, batch=2, steps=2, device="cpu", precision="fp32", repeats=1,
                                    channels_last=False)
     assert result["radrl_images_per_s"] > 0 and result["diffusers_images_per_s"] > 0
     assert result["flops_per_sample_call"] > 0 and result["share_of_peak"] is None  # no peak known for a CPU
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+
+
+def test_gpu_settings_fit_two_workers_learner_and_rewards_on_one_device(tmp_path):
+    cfg = load_config(None, ["rollout.batch_size=8"])
+    one, two = (setting_config(cfg, name, tmp_path) for name in GPU_SETTINGS)
+    assert one.rollout.num_workers == 1 and one.rollout.batch_size == 8
+    assert two.rollout.num_workers == 2 and two.rollout.batch_size == 4  # same images per iteration
+    share = (two.rollout.num_workers * two.rollout.resources.num_gpus + two.learner.resources.num_gpus
+             + 3 * two.rewards.replicas * two.rewards.resources.num_gpus)
+    assert 0 < share <= 1.0

@@ -4,6 +4,7 @@ import pytest
 
 from radrl.config import ConfigError, load_config
 from radrl.orchestration.actors import start_roles
+from radrl.orchestration.bench import format_overlap, overlap_curves
 from radrl.orchestration.driver import CXRLTrainer
 
 SMALL = {"rollout.num_steps": 2, "rollout.batch_size": 4, "learner.batch_size": 4, "learner.iterations": 3,
@@ -40,3 +41,20 @@ def test_overlapped_batches_on_ray_with_two_workers(tmp_path):
     results, staleness = run(tmp_path, **{"rollout.num_workers": 2})
     assert results["iterations"] == 3 and results["weight_version"] == 3
     assert staleness == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_overlap_curves_compare_both_settings_and_reuse_finished_runs(tmp_path):
+    settings = {k: v for k, v in SMALL.items() if not k.startswith("orchestration.")}
+    cfg = load_config(None, [*(f"{k}={v}" for k, v in settings.items()), "orchestration.local=true",
+                             "learner.iterations=2", "logging.eval_reports=2"])
+    report = overlap_curves(cfg, seeds=(0,), out_dir=tmp_path)
+    runs = report["runs"]
+    assert runs["sequential-seed0"]["history"]["rollout/staleness"] == [0.0, 0.0]
+    assert runs["overlap-seed0"]["history"]["rollout/staleness"] == [0.0, 1.0]
+    assert (tmp_path / "overlap_curves.png").stat().st_size > 0 and (tmp_path / "overlap_curves.json").is_file()
+    assert report["summary"]["iteration_speedup"] > 0 and "overlap iteration speed-up" in format_overlap(report)
+    finished = (tmp_path / "overlap-seed0" / "results.json").stat().st_mtime_ns
+    again = overlap_curves(cfg, seeds=(0,), out_dir=tmp_path)  # finished runs are read back, not retrained
+    assert (tmp_path / "overlap-seed0" / "results.json").stat().st_mtime_ns == finished
+    assert again["summary"] == report["summary"]

@@ -50,7 +50,7 @@ class DiffusionModels:
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Denoised samples (pixels or latents) → grayscale images [B, 1, H, W] in [0, 1]."""
         if self.vae is not None:
-            samples = self.vae.decode(samples / self.vae.config.scaling_factor).sample
+            samples = self.vae.decode(samples.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         images = (samples.float().clamp(-1, 1) + 1) / 2
         return images.mean(dim=1, keepdim=True)  # an RGB SD decoder gives three near-equal channels
 

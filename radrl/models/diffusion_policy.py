@@ -15,11 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from torch import nn
 
 from radrl.models.diffusion import DiffusionModels
 from radrl.models.weights import copy_named_tensors
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,24 @@ class DiffusionPolicy(nn.Module):
         width = models.unet.config.cross_attention_dim
         self.ace = nn.Parameter(torch.randn(ace_tokens, width) * 0.02) if ace_tokens else None
         self._anchor = False
+        self.compute_dtype = torch.float32  # of the frozen modules; see `accelerate`
+
+    def accelerate(self, precision: str = "fp32", channels_last: bool = False, compile_unet: bool = False
+                   ) -> DiffusionPolicy:
+        """Speed settings (`models.diffusion`): bf16 storage and compute for the frozen UNet, text encoder and
+        VAE, with the LoRA matrices and ACE kept in fp32 (peft runs each adapter in its own dtype, so the
+        optimizer updates fp32 master weights); channels-last convolutions; torch.compile of the UNet.
+        Attention is diffusers' default processor, which calls PyTorch SDPA."""
+        self.compute_dtype = PRECISIONS[precision]
+        for module in (self.models.unet, self.models.text_encoder, self.models.vae):
+            if module is not None:
+                module.to(self.compute_dtype)
+        cast_training_params(self.unet, torch.float32)  # LoRA back to fp32 (it is what requires grad)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            self.unet.compile()
+        return self
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The trainable LoRA matrices (peft marks them requires_grad)."""
@@ -87,9 +109,10 @@ class DiffusionPolicy(nn.Module):
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                       guidance_scale: float) -> torch.Tensor:
         """ε̂ = ε(x, ∅) + w·(ε(x, c) − ε(x, ∅)), both branches in one UNet call (w = 1: no guidance)."""
+        x = x.to(self.compute_dtype)  # the UNet runs in its storage dtype; ε̂ comes back as fp32
         if guidance_scale == 1.0:
-            return self.unet(x, t, encoder_hidden_states=self.condition(cond)).sample
+            return self.unet(x, t, encoder_hidden_states=self.condition(cond)).sample.float()
         both = torch.cat([self.condition(uncond), self.condition(cond)])
         t = t.repeat(2) if t.dim() else t
-        eps_uncond, eps_cond = self.unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
+        eps_uncond, eps_cond = self.unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.float().chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -9,6 +9,7 @@ and models for `warmup` + `iterations` iterations and keeps the measured ones:
     ray-2-workers  two rollout workers with one CPU each, half the batch each (same images per iteration)
     ray-anchor-cache   anchor scores cached per (report, x_T seed) and precomputed (steady state)
     ray-overlap    iteration k+1 sampled while k is scored and trained (one version stale)
+    gpu-1-worker, gpu-2-workers   (--gpu) every role on one CUDA device: 1 vs 2 rollout workers sharing it
 
 From these: the Ray/in-process throughput ratio, the 2-vs-1 worker sampling speed-up, the stage
 breakdown (sampling split into policy and anchor, each reward, update, broadcast, logging,
@@ -19,13 +20,17 @@ latency, and the anchor's share of rollout time. `--gpu` adds the real-size samp
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
+import shutil
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from radrl.config import ExperimentConfig, apply_overrides
@@ -45,13 +50,20 @@ SETTINGS = {
                          "rollout.precompute_anchor=true"],
     "ray-overlap": ["orchestration.overlap=true", "orchestration.max_staleness=1"],
 }
+# --gpu: every role on one CUDA device, in fractions that fit two rollout workers beside the learner and rewards.
+_ON_ONE_GPU = ["rollout.resources.num_gpus=0.4", "learner.resources.num_gpus=0.1", "rewards.resources.num_gpus=0.03"]
+GPU_SETTINGS = {
+    "gpu-1-worker": _ON_ONE_GPU,
+    "gpu-2-workers": [*_ON_ONE_GPU, "rollout.num_workers=2"],
+}
 DRIVER_STAGES = ("sample", "score", "update", "broadcast", "logging")
 
 
 def setting_config(base: ExperimentConfig, setting: str, run_dir: Path) -> ExperimentConfig:
     """The base config under one setting; two workers take half the batch each, so an iteration's work is equal."""
-    overrides = [*SETTINGS[setting], f"logging.run_dir={run_dir / setting}", "orchestration.dashboard=false"]
-    if setting == "ray-2-workers":
+    chosen = {**SETTINGS, **GPU_SETTINGS}[setting]
+    overrides = [*chosen, f"logging.run_dir={run_dir / setting}", "orchestration.dashboard=false"]
+    if "rollout.num_workers=2" in chosen:
         overrides.append(f"rollout.batch_size={base.rollout.batch_size // 2}")
     return ExperimentConfig.model_validate(apply_overrides(base.model_dump(mode="json"), overrides))
 
@@ -65,6 +77,7 @@ def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:
             trainer.precompute_anchor()
         for _ in range(warmup):
             trainer.train_step()
+        runtime_cpu = ray_runtime_cpu_seconds()
         seconds, sampled, start = defaultdict(float), 0.0, time.perf_counter()
         for _ in range(iterations):
             scalars = trainer.train_step()
@@ -77,6 +90,7 @@ def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:
                     seconds[key.removeprefix("timing/")] += value
             sampled += scalars["rollout/images"]  # policy and anchor images
         wall = time.perf_counter() - start
+        runtime_cpu = ray_runtime_cpu_seconds() - runtime_cpu
         trained = trainer.per_iteration * iterations  # policy images: the trajectories the learner trains on
         broadcast_bytes = scalars["broadcast/bytes"]
     finally:
@@ -87,7 +101,30 @@ def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:
     sampled = sum(stages.get(f"rollout_{who}", 0.0) for who in ("policy", "anchor"))
     return {"images_per_s": trained / wall, "iteration_s": iteration, "stages_s": stages,
             "sample_images_per_s": sampled / iterations / stages["sample"], "broadcast_bytes": broadcast_bytes,
-            "anchor_share_of_rollout": stages.get("rollout_anchor", 0.0) / sampled if sampled else 0.0}
+            "anchor_share_of_rollout": stages.get("rollout_anchor", 0.0) / sampled if sampled else 0.0,
+            # Ray's own processes (raylet, GCS, agents), as a share of every core's time during the measured iterations
+            "ray_runtime_cpu_share": runtime_cpu / (wall * (os.cpu_count() or 1))}
+
+
+# Ray's system processes, matched in their command lines (actors are 'ray::<Class>', the driver is this process).
+RAY_RUNTIME_PROCESSES = ("raylet", "gcs_server", "dashboard", "DashboardAgent", "log_monitor", "runtime_env",
+                         "monitor.py")
+
+
+def ray_runtime_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by Ray's own processes on this node."""
+    import psutil
+
+    total = 0.0
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if any(name in command for name in RAY_RUNTIME_PROCESSES):
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:  # exited between listing and reading
+                pass
+    return total
 
 
 def unet_bytes(cfg: ExperimentConfig) -> int:
@@ -126,6 +163,7 @@ def figures(results: dict) -> dict:
     found = {}
     if "ray" in results and "in-process" in results:
         found["ray_vs_in_process"] = results["ray"]["images_per_s"] / results["in-process"]["images_per_s"]
+        found["ray_runtime_cpu_share"] = results["ray"]["ray_runtime_cpu_share"]
     if "ray-2-workers" in results and "ray-1-thread" in results:
         found["two_workers_sampling_speedup"] = (results["ray-2-workers"]["sample_images_per_s"]
                                                  / results["ray-1-thread"]["sample_images_per_s"])
@@ -140,6 +178,9 @@ def figures(results: dict) -> dict:
         found["anchor_share_of_rollout"] = cached["anchor_share_of_rollout"]
         if "ray" in results:
             found["anchor_cache_iteration_speedup"] = cached["images_per_s"] / results["ray"]["images_per_s"]
+    if "gpu-2-workers" in results and "gpu-1-worker" in results:
+        found["gpu_two_workers_sampling_speedup"] = (results["gpu-2-workers"]["sample_images_per_s"]
+                                                     / results["gpu-1-worker"]["sample_images_per_s"])
     if "ray-overlap" in results and "ray" in results:
         found["overlap_throughput_ratio"] = results["ray-overlap"]["images_per_s"] / results["ray"]["images_per_s"]
     return found
@@ -147,6 +188,7 @@ def figures(results: dict) -> dict:
 
 TARGETS = {"ray_vs_in_process": ("≥ 0.95", lambda v: v >= 0.95),
            "two_workers_sampling_speedup": ("≥ 1.8", lambda v: v >= 1.8),
+           "gpu_two_workers_sampling_speedup": ("≥ 1.8", lambda v: v >= 1.8),
            "broadcast_latency_share_of_iteration": ("< 5 %", lambda v: v < 0.05),
            "anchor_share_of_rollout": ("< 15 % (after caching)", lambda v: v < 0.15)}
 
@@ -173,6 +215,9 @@ def format_report(report: dict) -> str:
         lines.append(f"| {key} | {shown} | {target}{verdict} |")
     lines.append(f"| broadcast bytes per version | {settings[next(iter(settings))]['broadcast_bytes'] / 1e3:.1f} kB "
                  f"(whole UNet {report['unet_bytes'] / 1e6:.2f} MB) | adapter tensors only |")
+    if "gpu_two_workers_sampling_speedup" not in report["figures"]:
+        lines.append("| gpu_two_workers_sampling_speedup (fractional GPUs on one device) | not measured in this run "
+                     "(`radrl bench --gpu` on a CUDA machine) | ≥ 1.8 |")
     gpu = report.get("gpu_sampler")
     if gpu is None:
         lines.append("| GPU sampler vs diffusers pipeline, TFLOP/s | not measured in this run (`radrl bench --gpu` "
@@ -206,12 +251,13 @@ def sd1_models():
     return build_diffusion(DiffusionModelConfig(weights="random", arch="sd1", use_vae=True), 512)
 
 
-def gpu_sampler_benchmark(models, batch: int = 4, steps: int = 50, device: str = "cuda",
-                          dtype: torch.dtype = torch.bfloat16, repeats: int = 3, channels_last: bool = True,
-                          compile_unet: bool = False) -> dict:
+def gpu_sampler_benchmark(models, batch: int = 4, steps: int = 50, device: str = "cuda", precision: str = "bf16",
+                          repeats: int = 3, channels_last: bool = True, compile_unet: bool = False) -> dict:
     """radrl's sampler (LoRA + ACE policy, per-step log-probs and latents recorded) against diffusers'
     StableDiffusionPipeline on the same UNet (its LoRA enabled in both), steps, guidance 5, η 1 and batch.
 
+    The policy gets the speed settings training uses (`DiffusionPolicy.accelerate`: bf16 frozen weights,
+    fp32 adapters and latents, channels-last, optional compile); the pipeline runs on the same modules.
     Returns images/s of each, their ratio, and radrl's achieved FLOP/s (FlopCounterMode over one sampling
     call) against the device's bf16 peak. Both use SDPA attention (diffusers' default processor) and decode
     with the VAE."""
@@ -222,15 +268,11 @@ def gpu_sampler_benchmark(models, batch: int = 4, steps: int = 50, device: str =
     from radrl.rollout.sampler import sample_trajectories
 
     policy = DiffusionPolicy(models, lora_rank=4, lora_alpha=4.0, lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
-                             ace_tokens=3).to(device, dtype).eval()
-    models.text_encoder.to(device, dtype)
-    models.vae.to(device, dtype)
-    if channels_last:
-        models.unet.to(memory_format=torch.channels_last)
-    if compile_unet:
-        models.unet.compile()
+                             ace_tokens=3).accelerate(precision, channels_last, compile_unet).to(device).eval()
+    models.text_encoder.to(device)
+    models.vae.to(device)
     reports = ["Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax."] * batch
-    noise = torch.randn((batch, *models.latent_shape), device=device, dtype=dtype)
+    noise = torch.randn((batch, *models.latent_shape), device=device)  # latents stay fp32 in radrl's sampler
     scheduler = DDIMScheduler.from_config(models.scheduler.config)
     pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                                    unet=models.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -241,7 +283,8 @@ def gpu_sampler_benchmark(models, batch: int = 4, steps: int = 50, device: str =
         return sample_trajectories(policy, reports, steps, 1.0, 5.0, noise, 0, torch.Generator(device).manual_seed(0))
 
     def diffusers_call():
-        return pipe(reports, num_inference_steps=steps, guidance_scale=5.0, eta=1.0, latents=noise,
+        return pipe(reports, num_inference_steps=steps, guidance_scale=5.0, eta=1.0,
+                    latents=noise.to(policy.compute_dtype),
                     generator=torch.Generator(device).manual_seed(0), output_type="pt")
 
     def timed(call) -> float:
@@ -260,13 +303,109 @@ def gpu_sampler_benchmark(models, batch: int = 4, steps: int = 50, device: str =
     flops = counter.get_total_flops()
     name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
     peak = peak_flops(name) if device.startswith("cuda") else None
-    return {"device": name, "dtype": str(dtype), "batch": batch, "steps": steps,
+    return {"device": name, "dtype": str(policy.compute_dtype), "batch": batch, "steps": steps,
             "latent_shape": list(models.latent_shape), "channels_last": channels_last, "compiled": compile_unet,
             "radrl_images_per_s": batch / radrl_s, "diffusers_images_per_s": batch / diffusers_s,
             "radrl_vs_diffusers": diffusers_s / radrl_s, "flops_per_sample_call": flops,
             "radrl_tflops_per_s": flops / radrl_s / 1e12,
             "peak_tflops_per_s": peak / 1e12 if peak else None,
             "share_of_peak": flops / radrl_s / peak if peak else None}
+
+
+# ---------------------------------------------------------------- overlap: reward curves, on own cores
+
+# Rollout worker and learner on one core each, so sampling the next batch really runs beside the update.
+OWN_CORES = ["rollout.resources.num_cpus=1", "learner.resources.num_cpus=1", "orchestration.dashboard=false"]
+CURVE_SETTINGS = {"sequential": [], "overlap": ["orchestration.overlap=true", "orchestration.max_staleness=1"]}
+CURVE_KEYS = (TOTAL_KEY, "ddpo/clipfrac", "ddpo/approx_kl")
+
+
+def overlap_curves(cfg: ExperimentConfig, seeds: tuple[int, ...], out_dir: Path) -> dict:
+    """Train the config with overlap off and on (same seeds, rollout and learner on one core each) and
+    compare: seconds per iteration, and the reward, clip fraction and KL per iteration.
+
+    Each run is a whole `CXRLTrainer.run` in `out_dir/<setting>-seed<k>`; a run with results.json is
+    read back instead of trained again, so an interrupted comparison continues where it stopped."""
+    from radrl.orchestration.run import run_training
+
+    runs = {}
+    for seed in seeds:
+        for setting, overrides in CURVE_SETTINGS.items():
+            run_dir = out_dir / f"{setting}-seed{seed}"
+            run_cfg = ExperimentConfig.model_validate(apply_overrides(
+                cfg.model_dump(mode="json"), [*OWN_CORES, *overrides, f"seed={seed}", f"logging.run_dir={run_dir}"]))
+            if not (run_dir / "results.json").is_file():
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)  # an unfinished run: a clean start keeps its timings honest
+                log.info("overlap curves: %s, seed %d (%d iterations)", setting, seed, cfg.learner.iterations)
+                run_training(run_cfg)
+            history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+            results = json.loads((run_dir / "results.json").read_text())
+            runs[run_dir.name] = {"setting": setting, "seed": seed, "history": {
+                key: [h[key] for h in history] for key in (*CURVE_KEYS, "timing/iteration", "rollout/staleness")},
+                "end_policy_minus_anchor": results["end"]["total"]["policy"] - results["end"]["total"]["anchor"]}
+    summary = {}
+    for setting in CURVE_SETTINGS:
+        mine = [r for r in runs.values() if r["setting"] == setting]
+        # the first iteration of an overlapped run samples alone; steady state is what overlap changes
+        seconds = [np.mean(r["history"]["timing/iteration"][1:]) for r in mine]
+        last = [np.mean(r["history"][TOTAL_KEY][-max(1, len(r["history"][TOTAL_KEY]) // 4):]) for r in mine]
+        summary[setting] = {"seconds_per_iteration": float(np.mean(seconds)),
+                            "reward_last_quarter": float(np.mean(last)),
+                            "reward_last_quarter_std": float(np.std(last, ddof=1)) if len(last) > 1 else 0.0,
+                            "clipfrac": float(np.mean([np.mean(r["history"]["ddpo/clipfrac"]) for r in mine])),
+                            "approx_kl": float(np.mean([np.mean(r["history"]["ddpo/approx_kl"]) for r in mine])),
+                            "end_policy_minus_anchor": float(np.mean([r["end_policy_minus_anchor"] for r in mine]))}
+    summary["iteration_speedup"] = (summary["sequential"]["seconds_per_iteration"]
+                                    / summary["overlap"]["seconds_per_iteration"])
+    report = {"config": {"batch": cfg.rollout.batch_size, "steps": cfg.rollout.num_steps,
+                         "iterations": cfg.learner.iterations, "seeds": list(seeds)},
+              "summary": summary, "runs": runs}
+    (out_dir / "overlap_curves.json").write_text(json.dumps(report, indent=1))
+    report["figure"] = str(overlap_figure(runs, out_dir / "overlap_curves.png"))
+    return report
+
+
+def overlap_figure(runs: dict, path: Path) -> Path:
+    """Total reward per iteration and per second of training, and the clip fraction, overlap on vs off."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    colours = {"sequential": "tab:blue", "overlap": "tab:orange"}
+    for name, run in runs.items():
+        history, colour = run["history"], colours[run["setting"]]
+        reward = np.asarray(history[TOTAL_KEY])
+        window = max(1, len(reward) // 6)
+        smooth = np.convolve(reward, np.ones(window) / window, mode="valid")
+        steps = np.arange(1, len(reward) + 1)
+        wall = np.cumsum(history["timing/iteration"])
+        style = dict(color=colour, linestyle=("-", "--", ":", "-.")[run["seed"] % 4])
+        label = f"{run['setting']} (seed {run['seed']})"
+        axes[0].plot(steps[window - 1:], smooth, lw=1.5, label=label, **style)
+        axes[1].plot(wall[window - 1:], smooth, lw=1.5, **style)
+        axes[2].plot(steps, history["ddpo/clipfrac"], lw=1, alpha=0.8, **style)
+    axes[0].set(xlabel="iteration", ylabel=f"{TOTAL_KEY} (moving mean)", title="reward per iteration")
+    axes[1].set(xlabel="training seconds", title="reward per second")
+    axes[2].set(xlabel="iteration", title="ddpo/clipfrac")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def format_overlap(report: dict) -> str:
+    """Markdown: overlap off vs on, mean over seeds."""
+    summary = report["summary"]
+    lines = ["| setting | s / iteration | reward, last quarter (mean ± std over seeds) | clipfrac | approx KL "
+             "| held-out policy − anchor (end) |", "|---|---|---|---|---|---|"]
+    for setting in CURVE_SETTINGS:
+        s = summary[setting]
+        lines.append(f"| {setting} | {s['seconds_per_iteration']:.2f} | {s['reward_last_quarter']:+.4f} ± "
+                     f"{s['reward_last_quarter_std']:.4f} | {s['clipfrac']:.3f} | {s['approx_kl']:.2e} "
+                     f"| {s['end_policy_minus_anchor']:+.4f} |")
+    lines.append(f"\noverlap iteration speed-up: {summary['iteration_speedup']:.2f}×")
+    return "\n".join(lines)
 
 
 def synchronize(device: str) -> None:

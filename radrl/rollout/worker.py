@@ -45,6 +45,8 @@ def build_policy(cfg: ExperimentConfig, device: str) -> DiffusionPolicy:
     models = build_diffusion(cfg.models.diffusion, cfg.data.image_size)
     learner = cfg.learner
     policy = DiffusionPolicy(models, learner.lora_rank, learner.lora_alpha, learner.lora_targets, learner.ace_tokens)
+    speed = cfg.models.diffusion
+    policy.accelerate(speed.precision, speed.channels_last, speed.compile)
     models.text_encoder.to(device)
     if models.vae is not None:
         models.vae.to(device)
