@@ -62,10 +62,11 @@ class DiffusionPolicy(nn.Module):
         optimizer updates fp32 master weights); channels-last convolutions; torch.compile of the UNet.
         Attention is diffusers' default processor, which calls PyTorch SDPA."""
         self.compute_dtype = PRECISIONS[precision]
-        for module in (self.models.unet, self.models.text_encoder, self.models.vae):
-            if module is not None:
-                module.to(self.compute_dtype)
-        cast_training_params(self.unet, torch.float32)  # LoRA back to fp32 (it is what requires grad)
+        if self.compute_dtype != torch.float32:
+            for module in (self.models.unet, self.models.text_encoder, self.models.vae):
+                if module is not None:  # nn.Module.to: diffusers' own .to(dtype) warns even with no fp32-only module
+                    nn.Module.to(module, self.compute_dtype)
+            cast_training_params(self.unet, torch.float32)  # LoRA back to fp32 (it is what requires grad)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if compile_unet:

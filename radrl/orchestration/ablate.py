@@ -18,6 +18,7 @@ from pathlib import Path
 
 from radrl.config import ExperimentConfig
 from radrl.eval.ablation import Cell, ablation_figure, ablation_tables, grid, run_cell, variant_names
+from radrl.orchestration.actors import init_ray
 
 log = logging.getLogger("radrl")
 
@@ -106,12 +107,8 @@ def run_on_ray(jobs, grids, all_cells, threads, cpus_per_cell, gpus_per_cell, do
     """Submit every cell as a Ray task (dependent cells take their prerequisite's result ref) and collect them."""
     import ray
 
-    address = grids[next(iter(grids))].orchestration.address
-    if address:
-        ray.init(address=address, namespace="radrl", log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, namespace="radrl", include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", configure_logging=False)
+    init_ray(grids[next(iter(grids))].orchestration.address, os.cpu_count() or 1, dashboard=False,
+             log_to_driver=False)
     try:
         task = ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)(cell_task)
         refs, owners = {}, {}

@@ -97,6 +97,17 @@ def _start_ray_roles(cfg: ExperimentConfig, classes: RoleClasses) -> Roles:
     return Roles(cluster, workers, rewards, learner)
 
 
+def init_ray(address: str | None, num_cpus: int, dashboard: bool, log_to_driver: bool = True) -> None:
+    """Join the cluster at `address`, or start a local Ray instance of `num_cpus` CPUs on this machine only."""
+    import ray
+
+    if address:
+        ray.init(address=address, namespace="radrl", log_to_driver=log_to_driver)
+    else:
+        ray.init(num_cpus=num_cpus, namespace="radrl", include_dashboard=dashboard, log_to_driver=log_to_driver,
+                 _node_ip_address="127.0.0.1", configure_logging=False)
+
+
 class RayCluster:
     """A connection to Ray (a new local instance, or `orchestration.address`) plus the run's Ray metrics."""
 
@@ -107,13 +118,7 @@ class RayCluster:
         from ray.util import metrics
 
         self.ray = ray
-        address = cfg.orchestration.address
-        if address:
-            ray.init(address=address, namespace="radrl", log_to_driver=True)
-        else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, required_cpus(cfg)), namespace="radrl",
-                     include_dashboard=cfg.orchestration.dashboard, _node_ip_address="127.0.0.1",
-                     configure_logging=False)
+        init_ray(cfg.orchestration.address, max(os.cpu_count() or 1, required_cpus(cfg)), cfg.orchestration.dashboard)
         self.placement_group = None
         self.samples = metrics.Counter("radrl_samples_generated", "images (cxrl: policy and anchor) or reports (rrg) sampled")
         self.iteration = metrics.Gauge("radrl_iteration", "completed training iterations")
