@@ -108,23 +108,28 @@ class Cell:
 def grid(cfg: ExperimentConfig, seeds: int, out_dir: Path, only: tuple[str, ...] = ()) -> dict[str, Cell]:
     """Every cell of the config's task (or of the `only` variants and what they start from), in an order where
     each cell comes after the one it starts from."""
-    variants = CXRL_VARIANTS if cfg.task == "cxrl" else RRG_VARIANTS
+    chosen = variants(cfg.task)
     if only:
-        names = {v.name for v in variants}
+        names = {v.name for v in chosen}
         if set(only) - names:
             raise ValueError(f"unknown {cfg.task} variant(s) {sorted(set(only) - names)}; choose from {sorted(names)}")
-        needed = set(only) | {v.starts_from for v in variants if v.name in only and v.starts_from}
-        variants = tuple(v for v in variants if v.name in needed)
+        needed = set(only) | {v.starts_from for v in chosen if v.name in only and v.starts_from}
+        chosen = tuple(v for v in chosen if v.name in needed)
     cells = {}
-    for variant in variants:
+    for variant in chosen:
         for seed in range(seeds) if variant.seeded else (cfg.seed,):
             key = cell_key(variant, seed)
             cells[key] = Cell(cfg.task, variant, seed, Path(out_dir) / "cells" / key)
     return cells
 
 
+def variants(task: str) -> tuple[Variant, ...]:
+    """The ablation grid of a task."""
+    return CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS
+
+
 def variant_names(task: str) -> tuple[str, ...]:
-    return tuple(v.name for v in (CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS))
+    return tuple(v.name for v in variants(task))
 
 
 def cell_key(variant: Variant, seed: int) -> str:
@@ -177,7 +182,7 @@ def aggregate(results: list[dict], variant: str, metric: str) -> tuple[float, fl
 
 def ablation_tables(task: str, results: list[dict], seeds: int) -> str:
     """Markdown: each of the task's tables, measured (mean ± std over seeds), then the paper's numbers."""
-    labels, variants = LABELS[task], {v.name: v for v in (CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS)}
+    labels, by_name = LABELS[task], {v.name: v for v in variants(task)}
     parts = []
     for title, rows, columns in TABLES[task]:
         header = "| | " + " | ".join(labels[c] for c in columns) + " |"
@@ -187,14 +192,14 @@ def ablation_tables(task: str, results: list[dict], seeds: int) -> str:
             for column in columns:
                 found = aggregate(results, row, column)
                 cells.append("not run" if found is None else f"{found[0]:.4f} ± {found[1]:.4f}"
-                             + (f" (n={found[2]})" if variants[row].seeded and found[2] != seeds else ""))
-            lines.append(f"| {variants[row].label} | " + " | ".join(cells) + " |")
+                             + (f" (n={found[2]})" if by_name[row].seeded and found[2] != seeds else ""))
+            lines.append(f"| {by_name[row].label} | " + " | ".join(cells) + " |")
         lines += ["", f"### {title}: the paper (MIMIC-CXR, full-size models)", "", header,
                   "|---" * (len(columns) + 1) + "|"]
         for row in rows:
             paper = PAPER[task].get(row, {})
             cells = [f"{paper[c]:.3f}" if c in paper else "–" for c in columns]
-            lines.append(f"| {variants[row].label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {by_name[row].label} | " + " | ".join(cells) + " |")
         if task == "rrg":
             lines += ["", "The paper gives one RadCliQ without naming its version; it is shown in the v1 column."]
         parts.append("\n".join(lines))
@@ -205,7 +210,7 @@ def ablation_figure(task: str, results: list[dict], path: Path) -> None:
     """One panel per metric of the first table: each seed's value (dots), mean ± std over seeds (bar), axes zoomed
     to the data: the differences between rows are small next to the values."""
     title, rows, columns = TABLES[task][0]
-    variants = {v.name: v for v in (CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS)}
+    by_name = {v.name: v for v in variants(task)}
     figure, axes = plt.subplots(1, len(columns), figsize=(2.3 * len(columns), 3.2), squeeze=False)
     for ax, column in zip(axes[0], columns):
         for x, row in enumerate(rows):
@@ -214,7 +219,7 @@ def ablation_figure(task: str, results: list[dict], path: Path) -> None:
                 ax.plot([x] * len(values), values, ".", color="grey", ms=4)
                 ax.errorbar(x, np.mean(values), yerr=np.std(values), fmt="o", color="C1" if row == "full" else "C0",
                             capsize=3)
-        ax.set_xticks(range(len(rows)), [variants[r].label.split(" (")[0] for r in rows], rotation=40, ha="right",
+        ax.set_xticks(range(len(rows)), [by_name[r].label.split(" (")[0] for r in rows], rotation=40, ha="right",
                       fontsize=7)
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_title(LABELS[task][column], fontsize=8)
