@@ -361,9 +361,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
         raw = loaded or {}
-    raw = apply_overrides(raw, overrides or [])
+    return _validated(apply_overrides(raw, overrides or []), f" ({path})" if path else "")
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """A validated copy of `cfg` with each `a.b.c=value` override set."""
+    return _validated(apply_overrides(cfg.model_dump(mode="json"), overrides), "")
+
+
+def _validated(raw: dict, where: str) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as error:
-        where = f" ({path})" if path else ""
         raise ConfigError(_explain(error).replace("invalid config:", f"invalid config{where}:", 1)) from None

@@ -24,7 +24,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from radrl.config import ExperimentConfig, apply_overrides
+from radrl.config import ExperimentConfig, with_overrides
 from radrl.eval.cxrl_eval import LABELS as CXRL_LABELS
 from radrl.eval.rrg_eval import METRIC_LABELS as RRG_LABELS
 
@@ -102,7 +102,7 @@ class Cell:
         if self.variant.starts_from:
             start = cells[f"{self.variant.starts_from}_seed{self.seed}"]
             overrides.append(f"learner.supervised_checkpoint={start.folder}")
-        return ExperimentConfig.model_validate(apply_overrides(base.model_dump(mode="json"), overrides))
+        return with_overrides(base, overrides)
 
 
 def grid(cfg: ExperimentConfig, seeds: int, out_dir: Path, only: tuple[str, ...] = ()) -> dict[str, Cell]:

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radrl.config import ExperimentConfig, apply_overrides
+from radrl.config import ExperimentConfig, with_overrides
 from radrl.orchestration.actors import start_roles
 from radrl.orchestration.driver import CXRLTrainer
-from radrl.orchestration.tracking import TOTAL_KEY
+from radrl.orchestration.tracking import HISTORY_FILE, TOTAL_KEY, read_history
 
 log = logging.getLogger("radrl")
 
@@ -65,7 +65,7 @@ def setting_config(base: ExperimentConfig, setting: str, run_dir: Path) -> Exper
     overrides = [*chosen, f"logging.run_dir={run_dir / setting}", "orchestration.dashboard=false"]
     if "rollout.num_workers=2" in chosen:
         overrides.append(f"rollout.batch_size={base.rollout.batch_size // 2}")
-    return ExperimentConfig.model_validate(apply_overrides(base.model_dump(mode="json"), overrides))
+    return with_overrides(base, overrides)
 
 
 def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:
@@ -332,14 +332,13 @@ def overlap_curves(cfg: ExperimentConfig, seeds: tuple[int, ...], out_dir: Path)
     for seed in seeds:
         for setting, overrides in CURVE_SETTINGS.items():
             run_dir = out_dir / f"{setting}-seed{seed}"
-            run_cfg = ExperimentConfig.model_validate(apply_overrides(
-                cfg.model_dump(mode="json"), [*OWN_CORES, *overrides, f"seed={seed}", f"logging.run_dir={run_dir}"]))
+            run_cfg = with_overrides(cfg, [*OWN_CORES, *overrides, f"seed={seed}", f"logging.run_dir={run_dir}"])
             if not (run_dir / "results.json").is_file():
                 if run_dir.exists():
                     shutil.rmtree(run_dir)  # an unfinished run: a clean start keeps its timings honest
                 log.info("overlap curves: %s, seed %d (%d iterations)", setting, seed, cfg.learner.iterations)
                 run_training(run_cfg)
-            history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+            history = read_history(run_dir / HISTORY_FILE)
             results = json.loads((run_dir / "results.json").read_text())
             runs[run_dir.name] = {"setting": setting, "seed": seed, "history": {
                 key: [h[key] for h in history] for key in (*CURVE_KEYS, "timing/iteration", "rollout/staleness")},

@@ -23,6 +23,16 @@ THROUGHPUT_KEY = "throughput/images_per_s"
 CXRL_CURVES = (TOTAL_KEY, *(REWARD_KEY.format(name=n, who="rlcf") for n in ("align", "diag", "consist")))
 
 
+HISTORY_FILE = "metrics.jsonl"  # one JSON object of scalars per iteration, in the run folder
+
+
+def read_history(path: Path) -> list[dict]:
+    """Every iteration's logged scalars from a run's metrics.jsonl (empty if none were logged)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 class RunTracker:
     """TensorBoard writer plus a metrics.jsonl file in the run folder, and the run's figures."""
 
@@ -31,7 +41,7 @@ class RunTracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # purge_step: a resumed run drops events logged after its checkpoint, so curves do not fork.
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
-        self.history_path = self.run_dir / "metrics.jsonl"
+        self.history_path = self.run_dir / HISTORY_FILE
         if purge_step is not None and self.history_path.is_file():
             kept = [line for line in self.history_path.read_text().splitlines()
                     if line and json.loads(line)["iteration"] < purge_step]
@@ -44,9 +54,7 @@ class RunTracker:
             f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
 
     def history(self) -> list[dict]:
-        if not self.history_path.is_file():
-            return []
-        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line]
+        return read_history(self.history_path)
 
     def log_image_grid(self, iteration: int, reports: list[str], anchor: torch.Tensor, policy: torch.Tensor) -> Path:
         """Anchor (top) vs policy (bottom) for the same reports and noise, titled with the report text."""
