@@ -247,6 +247,23 @@ def bench(
     typer.echo(f"written to {out} ({report['seconds']:.0f} s)")
 
 
+@app.command(name="step-gradients")
+def step_gradients(
+    path: Annotated[Path | None, typer.Argument(help="CXRL config (default: configs/cxrl_tiny.yaml)")] = None,
+    batches: Annotated[int, typer.Option(min=1, help="sampled batches of training reports to average over")] = 4,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set rollout.num_steps=20")] = None,
+) -> None:
+    """CXRL: the DDPO gradient norm of each denoising step (random advantages), to choose learner.min_train_timestep."""
+    cfg = _load_config(path, list(set_ or []))
+    if cfg.task != "cxrl":
+        typer.echo("radrl step-gradients: a CXRL config is needed (task: cxrl)", err=True)
+        raise typer.Exit(2)
+    _setup_logging()
+    from radrl.learner.step_gradients import format_step_gradients, step_gradient_norms
+
+    typer.echo(format_step_gradients(step_gradient_norms(cfg, batches)))
+
+
 @app.command()
 def summarize(
     run_dirs: Annotated[list[Path], typer.Argument(help="run folders of finished `radrl train` runs (e.g. one per seed)")],

@@ -141,6 +141,10 @@ class RolloutConfig(Section):
     eta: float = Field(1.0, gt=0.0, description="DDIM eta; > 0 or log-probs are undefined")
     guidance_scale: float = Field(5.0, ge=1.0, description="classifier-free guidance (also used in training)")
     share_noise_with_anchor: bool = Field(True, description="policy and anchor start from the same noise")
+    anchor_samples_per_report: int | None = Field(
+        None, ge=1, description="anchor images per report in an iteration (the first rows of its group, each from "
+                                "its row's x_T); None = one per policy image. Fewer needs "
+                                "rewards.anchor_reference='report_mean'")
     noise_seeds_per_report: int = Field(
         0, ge=0, description="0: a fresh x_T for every sample; K: each sample's x_T is one of K fixed seeds of its "
                              "report (shared with the anchor), so (report, seed) pairs recur")
@@ -159,6 +163,9 @@ class RewardsConfig(Section):
     lambda_diag: float = Field(10.0, ge=0, description="weight of r_diag")
     lambda_consist: float = Field(10.0, ge=0, description="weight of r_consist")
     rlcf: bool = Field(True, description="comparative feedback against the anchor; False = 'w/o RLCF'")
+    anchor_reference: Literal["paired", "report_mean"] = Field(
+        "paired", description="RLCF: compare each policy image with its paired anchor image (same x_T), or with the "
+                              "mean score of the anchor's images of the same report (less noise, fewer anchor images)")
     replicas: int = Field(1, ge=1, description="actors per reward model")
     radcliq_version: Literal["v0", "v1"] = "v1"
     rrg_reward: Literal["radcliq", "bleu4"] = Field(
@@ -187,7 +194,11 @@ class LearnerConfig(Section):
     inner_epochs: int = Field(1, ge=1)
     clip_range: float = Field(1e-4, gt=0, description="PPO clip on the importance ratio (DDPO)")
     adv_clip_max: float = Field(5.0, gt=0)
-    timestep_fraction: float = Field(1.0, gt=0, le=1.0, description="share of denoising steps trained on")
+    timestep_fraction: float = Field(1.0, gt=0, le=1.0, description="share of the trained denoising steps used in "
+                                                                      "each minibatch (a random subset)")
+    min_train_timestep: int = Field(
+        0, ge=0, description="train only denoising steps at t ≥ this (0 = all); the last, nearly noise-free steps "
+                             "have a tiny σ_t, so their log-prob gradients are the largest and carry the least signal")
     per_prompt_stats: bool = Field(True, description="normalise advantages per report (stat tracker)")
     stat_buffer_size: int = Field(16, ge=1)
     stat_min_count: int = Field(16, ge=1)
@@ -267,6 +278,18 @@ class ExperimentConfig(Section):
         if rollout.anchor_cache and not (rollout.noise_seeds_per_report and self.rewards.rlcf):
             raise ValueError("rollout.anchor_cache needs rollout.noise_seeds_per_report > 0 (recurring (report, seed) "
                              "pairs) and rewards.rlcf (an anchor to score)")
+        if rollout.anchor_samples_per_report is not None:
+            if rollout.anchor_samples_per_report > rollout.samples_per_report:
+                raise ValueError(f"rollout.anchor_samples_per_report = {rollout.anchor_samples_per_report} exceeds "
+                                 f"rollout.samples_per_report = {rollout.samples_per_report}: a report's anchor images "
+                                 "come from its group's rows")
+            fewer = rollout.anchor_samples_per_report < rollout.samples_per_report
+            if fewer and self.rewards.anchor_reference != "report_mean":
+                raise ValueError("rollout.anchor_samples_per_report below rollout.samples_per_report leaves policy images "
+                                 "without a paired anchor image: set rewards.anchor_reference=report_mean")
+            if fewer and rollout.anchor_cache:
+                raise ValueError("rollout.anchor_cache scores the anchor on every row's (report, seed) pair: leave "
+                                 "rollout.anchor_samples_per_report unset with it")
         if self.orchestration.overlap and self.orchestration.max_staleness < 1:
             raise ValueError("orchestration.overlap samples with the previous weights: set orchestration.max_staleness "
                              "to 1 or more (the importance ratio corrects one version of staleness)")

@@ -62,6 +62,19 @@ def test_all_lambdas_zero_is_refused():
         load_config(None, overrides)
 
 
+def test_fewer_anchor_images_than_policy_images_need_the_report_mean():
+    group = ["rollout.batch_size=8", "rollout.samples_per_report=4", "learner.batch_size=8"]
+    cfg = load_config(None, group + ["rollout.anchor_samples_per_report=1", "rewards.anchor_reference=report_mean"])
+    assert cfg.rollout.anchor_samples_per_report == 1
+    with pytest.raises(ConfigError, match="set rewards.anchor_reference=report_mean"):
+        load_config(None, group + ["rollout.anchor_samples_per_report=2"])
+    with pytest.raises(ConfigError, match="anchor_samples_per_report = 5 exceeds rollout.samples_per_report = 4"):
+        load_config(None, group + ["rollout.anchor_samples_per_report=5"])
+    with pytest.raises(ConfigError, match="leave rollout.anchor_samples_per_report unset"):
+        load_config(None, group + ["rollout.anchor_samples_per_report=1", "rewards.anchor_reference=report_mean",
+                                   "rollout.noise_seeds_per_report=2", "rollout.anchor_cache=true"])
+
+
 def test_several_errors_are_reported_together():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["learner.lr=-1", "rollout.num_steps=0"])

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from radrl.config import load_config
+from dataclasses import replace
+
+from radrl.config import load_config, with_overrides
 from radrl.learner.ddpo_learner import DDPOLearner
 from radrl.rollout.worker import RolloutWorker
 
@@ -87,6 +89,27 @@ def test_state_round_trip_reproduces_the_next_update():
     first.update(np.arange(4.0), batch)
     second.update(np.arange(4.0), batch)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first.trainable_parameters(), second.trainable_parameters()))
+
+
+def test_min_train_timestep_leaves_the_last_steps_out_of_the_gradient():
+    cfg = tiny_config(**{"learner.timestep_fraction": 1.0, "learner.batch_size": 4})
+    trajectory = sampled_batch(cfg, DDPOLearner(cfg))
+    # the last step (x_1 → x_0) is the only one that reads the final latents: corrupt them
+    latents = trajectory.latents.clone()
+    latents[:, -1] += 0.5 * torch.randn_like(latents[:, -1])
+    corrupted = replace(trajectory, latents=latents)
+    rewards = np.array([1.0, -1.0, 0.5, -0.5])
+
+    def updated(min_train_timestep, batch):
+        learner = DDPOLearner(with_overrides(cfg, [f"learner.min_train_timestep={min_train_timestep}"]))
+        learner.update(rewards, batch)
+        return learner.trainable_parameters()
+
+    above_last = int(trajectory.timesteps[-2])  # steps at t ≥ this: all but the last
+    assert all(torch.equal(a, b) for a, b in zip(updated(above_last, trajectory), updated(above_last, corrupted)))
+    assert not all(torch.equal(a, b) for a, b in zip(updated(0, trajectory), updated(0, corrupted)))
+    with pytest.raises(ValueError, match="leaves no denoising step to train"):
+        DDPOLearner(with_overrides(cfg, ["learner.min_train_timestep=1001"])).update(rewards, trajectory)
 
 
 def brightness_after_training(sign: float, iterations: int = 12) -> tuple[float, float]:

@@ -52,6 +52,17 @@ def test_in_process_run_writes_everything_a_user_looks_at(tmp_path):
         assert results["end"][part]["anchor"] == pytest.approx(results["start"][part]["anchor"])  # frozen anchor
 
 
+def test_one_anchor_image_per_report_is_every_samples_reference(tmp_path):
+    cfg = small_config(tmp_path, **{"rollout.samples_per_report": 2, "rollout.anchor_samples_per_report": 1,
+                                    "rewards.anchor_reference": "report_mean"})
+    train(cfg)
+    for h in history(tmp_path):
+        assert h["rollout/images"] == 4 + 2  # 4 policy images, one anchor image for each of the 2 reports
+        for name in ("diag", "consist"):  # each report's samples minus that report's anchor image
+            assert h[f"reward/{name}/rlcf"] == pytest.approx(h[f"reward/{name}/policy"] - h[f"reward/{name}/anchor"])
+        assert np.isfinite(h["rlcf/paired_variance_ratio/consist"])
+
+
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train(small_config(straight, **{"learner.iterations": 3}))

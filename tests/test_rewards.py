@@ -11,7 +11,8 @@ from radrl.data.phantom import Posture, render_phantom
 from radrl.models.posture import r_align
 from radrl.reward_actors.rewards import (ConsistencyReward, DiagnosisReward, PostureReward, diagnostic_accuracy,
                                          report_targets)
-from radrl.reward_actors.rlcf import NonFiniteRewardError, check_finite, combine, paired_variance_ratio
+from radrl.reward_actors.rlcf import (NonFiniteRewardError, anchor_reference, check_finite, combine,
+                                     paired_variance_ratio)
 
 REPORTS = ["The heart is enlarged. Small left pleural effusion.", "No acute cardiopulmonary abnormality."]
 
@@ -92,6 +93,25 @@ def test_rlcf_subtracts_the_anchor_for_diag_and_consist_only():
     assert np.allclose(parts["align"], [-0.1, -0.3])  # never comparative
     assert np.allclose(parts["diag"], [0.1, -0.2]) and np.allclose(parts["consist"], [0.3, -0.1])
     assert np.allclose(total, [-0.1 + 10 * 0.1 + 10 * 0.3, -0.3 + 10 * -0.2 + 10 * -0.1])
+
+
+def test_anchor_reference_paired_or_mean_of_the_reports_anchor_images():
+    reports = ["a", "a", "a", "b", "b", "b"]
+    anchor = {"consist": np.array([0.1, 0.3, 0.5, 0.2, 0.6, 0.7])}
+    paired = anchor_reference(reports, anchor, None, "paired")
+    assert np.allclose(paired["consist"], anchor["consist"])
+    mean = anchor_reference(reports, anchor, None, "report_mean")
+    assert np.allclose(mean["consist"], [0.3, 0.3, 0.3, 0.5, 0.5, 0.5])
+    # one anchor image per report (rows 0 and 3): every sample of the report is compared with it
+    few = anchor_reference(reports, {"consist": np.array([0.4, 0.9])}, [0, 3], "report_mean")
+    assert np.allclose(few["consist"], [0.4, 0.4, 0.4, 0.9, 0.9, 0.9])
+    _, parts = combine({"align": np.zeros(6), "diag": np.ones(6), "consist": np.ones(6)},
+                       {"diag": np.full(6, 0.5), **few}, RewardsConfig())
+    assert np.allclose(parts["consist"], [0.6, 0.6, 0.6, 0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="'paired' needs one anchor image per policy image"):
+        anchor_reference(reports, {"consist": np.array([0.4, 0.9])}, [0, 3], "paired")
+    with pytest.raises(ValueError, match="no anchor image for report 'b'"):
+        anchor_reference(reports, {"consist": np.array([0.4])}, [0], "report_mean")
 
 
 def test_direct_feedback_and_reward_switches():

@@ -53,8 +53,11 @@ class DDPOLearner:
                                      self.cfg.orchestration.max_staleness)
         advantages = self.advantages(batch.reports, rewards).to(self.device)
         learner, rollout = self.cfg.learner, self.cfg.rollout
-        num_steps = batch.timesteps.shape[0]
-        steps_trained = max(1, int(num_steps * learner.timestep_fraction))
+        eligible = torch.nonzero(batch.timesteps.cpu() >= learner.min_train_timestep).flatten()
+        if len(eligible) == 0:
+            raise ValueError(f"learner.min_train_timestep = {learner.min_train_timestep} leaves no denoising step to "
+                             f"train (timesteps {batch.timesteps.tolist()}); lower it")
+        steps_trained = max(1, int(len(eligible) * learner.timestep_fraction))
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
         for _ in range(learner.inner_epochs):
             order = torch.randperm(len(batch.reports), generator=self.generator)
@@ -62,7 +65,7 @@ class DDPOLearner:
                 index = order[start:start + learner.batch_size]
                 reports = [batch.reports[i] for i in index]
                 cond, uncond = text_conditions(self.policy, reports)
-                steps = torch.randperm(num_steps, generator=self.generator)[:steps_trained]
+                steps = eligible[torch.randperm(len(eligible), generator=self.generator)[:steps_trained]]
                 self.optimizer.zero_grad(set_to_none=True)
                 for step in steps.tolist():
                     log_prob = step_log_prob(self.policy, batch, step, cond, uncond, rollout.eta,

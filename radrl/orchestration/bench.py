@@ -46,8 +46,9 @@ SETTINGS = {
     "ray-1-thread": ["rollout.resources.num_cpus=1"],
     "ray-2-workers": ["rollout.num_workers=2", "rollout.resources.num_cpus=1"],
     # a pool of 8 training reports × 4 x_T seeds, anchor scores precomputed: the steady state of a cached run
+    # (the cache keeps an anchor score for every row's pair, so it takes one anchor image per policy image)
     "ray-anchor-cache": ["data.n_train=8", "rollout.noise_seeds_per_report=4", "rollout.anchor_cache=true",
-                         "rollout.precompute_anchor=true"],
+                         "rollout.precompute_anchor=true", "rollout.anchor_samples_per_report=null"],
     "ray-overlap": ["orchestration.overlap=true", "orchestration.max_staleness=1"],
 }
 # --gpu: every role on one CUDA device, in fractions that fit two rollout workers beside the learner and rewards.

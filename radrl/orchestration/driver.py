@@ -25,7 +25,8 @@ from radrl.orchestration.actors import Roles
 from radrl.orchestration.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from radrl.orchestration.tracking import REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY, TOTAL_KEY, WIN_RATE_KEY, RunTracker
 from radrl.reward_actors.anchor_cache import AnchorCache, iteration_noise_seeds, pair_seed
-from radrl.reward_actors.rlcf import COMPONENTS, check_finite, combine, paired_variance_ratio, weights
+from radrl.reward_actors.rlcf import (COMPONENTS, anchor_reference, check_finite, combine, paired_variance_ratio,
+                                     weights)
 
 log = logging.getLogger("radrl")
 
@@ -70,7 +71,7 @@ class SampledBatch:
 
     reports: list[str]
     seeds: list[int] | None  # per-row x_T seeds (rollout.noise_seeds_per_report), else None
-    uncached: list[int] | None  # rows whose anchor was sampled (anchor cache), else None
+    anchor_rows: list[int] | None  # rows whose anchor is sampled (anchor cache, anchor_samples_per_report); None = all
     trajectories: list  # refs of DiffusionTrajectory batches, for the learner
     rollouts: list  # refs of RolloutImages batches
 
@@ -81,7 +82,8 @@ class Scores:
 
     reports: list[str]
     policy: dict[str, np.ndarray]
-    anchor: dict[str, np.ndarray] | None
+    anchor: dict[str, np.ndarray] | None  # of the anchor images of `anchor_rows`
+    anchor_rows: list[int] | None  # rows that have an anchor image; None = every row
     seconds: dict[str, float]  # reward name → seconds spent in that reward's actors
 
 
@@ -134,7 +136,7 @@ class CXRLTrainer:
 
         with timer("sample"):  # 1. policy (and anchor) images; trajectories stay in the object store
             batch = self.next_batch or self.submit_batch(self.iteration)
-            reports, seeds, uncached, trajectories = batch.reports, batch.seeds, batch.uncached, batch.trajectories
+            reports, seeds, trajectories = batch.reports, batch.seeds, batch.trajectories
             rollouts = self.get(batch.rollouts)
             held = self.get(self.loading)  # queued behind this batch on each worker: done by now
             if any(version != self.weight_version for version in held):
@@ -148,9 +150,11 @@ class CXRLTrainer:
         with timer("score"):  # 2. every reward actor at once, policy and anchor images in one call each
             scores = self.score(rollouts)
         if self.anchor_cache is not None:  # anchor scores of cached (report, seed) pairs; the new ones are kept
-            scores = replace(scores, anchor=self.anchor_cache.complete(reports, seeds, uncached, scores.anchor))
+            scores = replace(scores, anchor=self.anchor_cache.complete(reports, seeds, batch.anchor_rows, scores.anchor),
+                             anchor_rows=None)
 
-        rewards, components = combine(scores.policy, scores.anchor, cfg.rewards)  # 3. RLCF
+        reference = self.anchor_reference(scores)  # 3. RLCF: each image against its anchor reference
+        rewards, components = combine(scores.policy, reference, cfg.rewards)
 
         with timer("update"):  # 4. DDPO on the learner
             update = self.get(self.roles.learner.update.remote(rewards, *trajectories))
@@ -159,7 +163,7 @@ class CXRLTrainer:
             self.weight_version = self.broadcast(wait=not cfg.orchestration.overlap)
 
         self.iteration += 1
-        scalars = self.iteration_scalars(rollouts, scores, rewards, components, update, timer.seconds,
+        scalars = self.iteration_scalars(rollouts, scores, reference, rewards, components, update, timer.seconds,
                                          time.perf_counter() - start)
         return {"rollout/staleness": float(staleness), **scalars}
 
@@ -217,16 +221,22 @@ class CXRLTrainer:
                                     cfg.rollout.samples_per_report)
         seeds = (iteration_noise_seeds(reports, cfg.rollout.noise_seeds_per_report, cfg.seed, iteration)
                  if cfg.rollout.noise_seeds_per_report else None)
-        uncached = self.anchor_cache.missing(reports, seeds) if self.anchor_cache is not None else None
+        if self.anchor_cache is not None:
+            anchor_rows = self.anchor_cache.missing(reports, seeds)
+        elif cfg.rollout.anchor_samples_per_report is not None:  # the first rows of each report's group
+            group, kept = cfg.rollout.samples_per_report, cfg.rollout.anchor_samples_per_report
+            anchor_rows = [i for i in range(len(reports)) if i % group < kept]
+        else:
+            anchor_rows = None
         trajectories, rollouts = self.sample(reports, ("train", cfg.seed, iteration), cfg.rewards.rlcf,
-                                             row_seeds=seeds, anchor_rows=uncached, wait=False)
-        return SampledBatch(reports, seeds, uncached, trajectories, rollouts)
+                                             row_seeds=seeds, anchor_rows=anchor_rows, wait=False)
+        return SampledBatch(reports, seeds, anchor_rows, trajectories, rollouts)
 
     def sample(self, reports: list[str], seed_parts: tuple, with_anchor: bool, identical_noise: bool = False,
                row_seeds: list[int] | None = None, anchor_rows: list[int] | None = None, wait: bool = True):
         """Split `reports` into batches over the workers → (trajectory refs, rollout images) in report order
-        (rollout refs if not `wait`). `row_seeds` / `anchor_rows` (anchor cache): per-row x_T seeds, and the
-        rows that need an anchor image."""
+        (rollout refs if not `wait`). `row_seeds` (anchor cache): per-row x_T seeds; `anchor_rows`: the rows
+        that need an anchor image (None: all)."""
         size, workers, calls = self.cfg.rollout.batch_size, self.roles.workers, []
         for k, start in enumerate(range(0, len(reports), size)):
             end = start + size
@@ -243,8 +253,10 @@ class CXRLTrainer:
                    for name, replicas in self.roles.rewards.items()}
         scored = {name: self.get(refs) for name, refs in pending.items()}
         reports = [report for rollout in rollouts for report in rollout.reports]
-        anchor_reports = [r.reports[i] for r in rollouts
-                          for i in (range(len(r.reports)) if r.anchor_rows is None else r.anchor_rows)]
+        offsets = np.cumsum([0] + [len(r.reports) for r in rollouts])
+        anchor_rows = [int(offset + i) for r, offset in zip(rollouts, offsets)
+                       for i in (range(len(r.reports)) if r.anchor_rows is None else r.anchor_rows)]
+        anchor_reports = [reports[i] for i in anchor_rows]
         policy = {name: np.concatenate([s.policy for s in results]) for name, results in scored.items()}
         has_anchor = rollouts[0].anchor_images is not None
         anchor = {name: np.concatenate([s.anchor for s in results]) for name, results in scored.items()} if has_anchor else None
@@ -252,7 +264,14 @@ class CXRLTrainer:
             check_finite(name, policy[name], reports)
             if anchor is not None:
                 check_finite(f"{name} (anchor)", anchor[name], anchor_reports)
-        return Scores(reports, policy, anchor, {name: sum(s.seconds for s in results) for name, results in scored.items()})
+        return Scores(reports, policy, anchor, None if anchor_rows == list(range(len(reports))) else anchor_rows,
+                      {name: sum(s.seconds for s in results) for name, results in scored.items()})
+
+    def anchor_reference(self, scores: Scores) -> dict[str, np.ndarray] | None:
+        """Per reward, the anchor score [B] each policy image is compared with (rewards.anchor_reference)."""
+        if scores.anchor is None:
+            return None
+        return anchor_reference(scores.reports, scores.anchor, scores.anchor_rows, self.cfg.rewards.anchor_reference)
 
     def precompute_anchor(self) -> None:
         """Sample and score the anchor on every (training report, x_T seed) pair once, into the cache."""
@@ -295,19 +314,21 @@ class CXRLTrainer:
         policy = torch.cat([r.policy_images for r in rollouts])
         self.tracker.log_image_grid(self.iteration, reports, anchor, policy)
 
-    def iteration_scalars(self, rollouts, scores: Scores, rewards, components, update, seconds, wall) -> dict:
+    def iteration_scalars(self, rollouts, scores: Scores, reference, rewards, components, update, seconds,
+                          wall) -> dict:
         """Everything logged for one iteration, under namespaced keys."""
         scalars = {TOTAL_KEY: float(rewards.mean())}
+        paired = scores.anchor_rows if scores.anchor_rows is not None else slice(None)  # rows with their own anchor
         for name in COMPONENTS:
             scalars[REWARD_KEY.format(name=name, who="policy")] = float(scores.policy[name].mean())
             if scores.anchor is not None:
                 scalars[REWARD_KEY.format(name=name, who="anchor")] = float(scores.anchor[name].mean())
-                scalars[f"rlcf/paired_variance_ratio/{name}"] = paired_variance_ratio(scores.policy[name],
+                scalars[f"rlcf/paired_variance_ratio/{name}"] = paired_variance_ratio(scores.policy[name][paired],
                                                                                       scores.anchor[name])
         for name, values in components.items():
             scalars[REWARD_KEY.format(name=name, who="rlcf")] = float(values.mean())
-        if scores.anchor is not None:
-            policy_total, anchor_total = direct_total(scores.policy, self.cfg), direct_total(scores.anchor, self.cfg)
+        if reference is not None:
+            policy_total, anchor_total = direct_total(scores.policy, self.cfg), direct_total(reference, self.cfg)
             scalars[WIN_RATE_KEY] = float(((policy_total > anchor_total) + 0.5 * (policy_total == anchor_total)).mean())
         scalars.update({"loss/policy": update["loss"], "ddpo/approx_kl": update["approx_kl"],
                         "ddpo/clipfrac": update["clipfrac"], "ddpo/grad_norm": update["grad_norm"],

@@ -39,6 +39,30 @@ def check_finite(name: str, scores: np.ndarray, reports: list[str]) -> None:
         )
 
 
+def anchor_reference(reports: list[str], anchor: dict[str, np.ndarray], rows: list[int] | None,
+                     mode: str) -> dict[str, np.ndarray]:
+    """The anchor score x̂ that each policy image is compared with, [B] per reward.
+
+    `anchor` holds the scores of the anchor images of `rows` (None: one image per row, in row order).
+    paired:      row i's own anchor image (it shares row i's x_T).
+    report_mean: the mean over the anchor images of row i's report: the anchor's expected score for
+                 that report, with 1/M of one image's variance (M images), and the same for every
+                 sample of the report.
+    """
+    if mode == "paired":
+        if rows is not None and list(rows) != list(range(len(reports))):
+            raise ValueError("rewards.anchor_reference = 'paired' needs one anchor image per policy image")
+        return {name: np.asarray(values, dtype=np.float64) for name, values in anchor.items()}
+    rows = range(len(reports)) if rows is None else rows
+    images_of: dict[str, list[int]] = {}
+    for k, row in enumerate(rows):
+        images_of.setdefault(reports[row], []).append(k)
+    if missing := [report for report in reports if report not in images_of]:
+        raise ValueError(f"no anchor image for report {missing[0]!r}: every report needs at least one")
+    return {name: np.array([np.mean(np.asarray(values, dtype=np.float64)[images_of[report]]) for report in reports])
+            for name, values in anchor.items()}
+
+
 def combine(policy: dict[str, np.ndarray], anchor: dict[str, np.ndarray] | None,
             cfg: RewardsConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Total reward [B] and each weighted-in component [B] from direct scores of policy (and anchor) images."""

@@ -31,6 +31,12 @@ def _alpha_bar(scheduler: DDIMScheduler, t: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= 0, table[t.clamp(min=0)], final)
 
 
+def step_std(scheduler: DDIMScheduler, t: torch.Tensor, prev_t: torch.Tensor, eta: float) -> torch.Tensor:
+    """σ_t = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}): the std of the step's Gaussian (same shape as t)."""
+    alpha_t, alpha_prev = _alpha_bar(scheduler, t), _alpha_bar(scheduler, prev_t)
+    return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     eps: torch.Tensor,  # [B, C, H, W] predicted noise (after guidance)
@@ -55,8 +61,7 @@ def ddim_step_with_logprob(
     x0 = (x_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
     if scheduler.config.clip_sample:
         x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-    # σ_t = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1})
-    std = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+    std = step_std(scheduler, t, prev_t, eta).view(shape).to(x_t.dtype)
     # μ = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ_t²)·ε
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
     if prev_sample is None:

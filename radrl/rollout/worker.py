@@ -72,14 +72,18 @@ class RolloutWorker:
         """The weight version this worker samples with (-1 before the first broadcast)."""
         return self.weight_version
 
-    def generate(self, reports: list[str], noise_seed: int | list[int], step_seed: int | list[int]) -> DiffusionTrajectory:
+    def generate(self, reports: list[str], noise_seed: int | list[int], step_seed: int | list[int],
+                 rows: list[int] | None = None) -> DiffusionTrajectory:
         """One DDIM trajectory per report from seeded x_T and per-step noise (the anchor's inside policy.anchor()).
-        A seed is one for the batch or one per report (then a chain's noise depends on its own seed only)."""
+        A seed is one for the batch or one per report (then a chain's noise depends on its own seed only).
+        `rows`: run only those reports' chains, each from the x_T it gets in the whole batch."""
         if self.weight_version < 0:
             raise RuntimeError(f"rollout worker {self.index}: no weights loaded; the driver must broadcast first")
         rollout = self.cfg.rollout
         shape = (len(reports), *self.policy.models.latent_shape)
         initial_noise = randn_tensor(shape, generator=generators(noise_seed, "cpu"), device=torch.device("cpu"))
+        if rows is not None:
+            reports, initial_noise = [reports[i] for i in rows], initial_noise[rows]
         return sample_trajectories(self.policy, list(reports), rollout.num_steps, rollout.eta, rollout.guidance_scale,
                                    initial_noise.to(self.device), self.weight_version, generators(step_seed, self.device))
 
@@ -95,6 +99,8 @@ class RolloutWorker:
         the comparative reward's gradient would then vanish at the anchor and be biased away from it.
         `identical_noise` does exactly that, for evaluation only (no gradient, lowest-variance pairing).
 
+        `anchor_rows`: only those rows get an anchor image (each from its row's x_T when shared).
+
         `row_seeds` (rollout.noise_seeds_per_report): each report's x_T comes from its own seed, shared with
         the anchor, whose per-step noise is then seeded from it too: the anchor's image of a (report, seed)
         pair is always the same, so its scores can be cached and only `anchor_rows` need an anchor image.
@@ -108,12 +114,12 @@ class RolloutWorker:
             start = time.perf_counter()
             anchor_images = self.anchor_images([reports[i] for i in anchor_rows], [row_seeds[i] for i in anchor_rows])
             seconds["anchor"] = time.perf_counter() - start
-        elif with_anchor:
+        elif with_anchor:  # the anchor for every row, or for `anchor_rows` (rollout.anchor_samples_per_report)
             start = time.perf_counter()
             with self.policy.anchor():
                 shared_start = self.cfg.rollout.share_noise_with_anchor or identical_noise
                 anchor_images = self.generate(reports, seed if shared_start else seed + 2,
-                                         seed + 1 if identical_noise else seed + 3).images
+                                              seed + 1 if identical_noise else seed + 3, rows=anchor_rows).images
             seconds["anchor"] = time.perf_counter() - start
         trajectory = trajectory.to("cpu")
         view = RolloutImages(tuple(reports), trajectory.images, None if anchor_images is None else anchor_images.cpu(),
