@@ -108,8 +108,8 @@ def test_min_train_timestep_leaves_the_last_steps_out_of_the_gradient():
     above_last = int(trajectory.timesteps[-2])  # steps at t ≥ this: all but the last
     assert all(torch.equal(a, b) for a, b in zip(updated(above_last, trajectory), updated(above_last, corrupted)))
     assert not all(torch.equal(a, b) for a, b in zip(updated(0, trajectory), updated(0, corrupted)))
-    with pytest.raises(ValueError, match="leaves no denoising step to train"):
-        DDPOLearner(with_overrides(cfg, ["learner.min_train_timestep=1001"])).update(rewards, trajectory)
+    with pytest.raises(ValueError, match="leaves no denoising step to train"):  # refused when the learner starts
+        DDPOLearner(with_overrides(cfg, ["learner.min_train_timestep=1001"]))
 
 
 def brightness_after_training(sign: float, iterations: int = 12) -> tuple[float, float]:

@@ -13,6 +13,15 @@ from radrl.rollout.sampler import DiffusionTrajectory, concat_trajectories, step
 from radrl.rollout.worker import build_policy, device_for
 
 
+def trained_steps(timesteps: torch.Tensor, min_train_timestep: int) -> torch.Tensor:
+    """Indices of the denoising steps DDPO trains on: those at t ≥ min_train_timestep."""
+    eligible = torch.nonzero(timesteps.cpu() >= min_train_timestep).flatten()
+    if len(eligible) == 0:
+        raise ValueError(f"learner.min_train_timestep = {min_train_timestep} leaves no denoising step to train "
+                         f"(timesteps {timesteps.tolist()}); lower it or raise rollout.num_steps")
+    return eligible
+
+
 class DDPOLearner:
     """DDPO on the diffusion policy: advantages from rewards, then clipped per-timestep updates."""
 
@@ -29,6 +38,9 @@ class DDPOLearner:
         self.tracker = PerPromptStatTracker(learner.stat_buffer_size, learner.stat_min_count)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch and timestep order
         self.version = 0
+        scheduler = self.policy.models.scheduler  # refuse a min_train_timestep that leaves nothing, before any run
+        scheduler.set_timesteps(cfg.rollout.num_steps)
+        trained_steps(scheduler.timesteps, learner.min_train_timestep)
 
     def publish(self) -> PublishedWeights:
         """This version's LoRA + ACE tensors as numpy: everything a rollout worker needs, nothing more."""
@@ -53,10 +65,7 @@ class DDPOLearner:
                                      self.cfg.orchestration.max_staleness)
         advantages = self.advantages(batch.reports, rewards).to(self.device)
         learner, rollout = self.cfg.learner, self.cfg.rollout
-        eligible = torch.nonzero(batch.timesteps.cpu() >= learner.min_train_timestep).flatten()
-        if len(eligible) == 0:
-            raise ValueError(f"learner.min_train_timestep = {learner.min_train_timestep} leaves no denoising step to "
-                             f"train (timesteps {batch.timesteps.tolist()}); lower it")
+        eligible = trained_steps(batch.timesteps, learner.min_train_timestep)
         steps_trained = max(1, int(len(eligible) * learner.timestep_fraction))
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
         for _ in range(learner.inner_epochs):

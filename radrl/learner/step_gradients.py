@@ -45,8 +45,8 @@ def step_gradient_norms(cfg: ExperimentConfig, batches: int = 4) -> list[dict[st
             loss, _ = ddpo_loss(log_prob, trajectory.log_probs[:, step], advantages, cfg.learner.clip_range,
                                 cfg.learner.adv_clip_max)
             loss.backward()
-            row.append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in learner.trainable_parameters()
-                                            if p.grad is not None))))
+            row.append(float(torch.nn.utils.get_total_norm(
+                [p.grad for p in learner.trainable_parameters() if p.grad is not None])))
         norms.append(row)
     mean = np.mean(norms, axis=0)
     sigma = step_std(learner.policy.models.scheduler, trajectory.timesteps.cpu(), trajectory.prev_timesteps.cpu(),

@@ -153,7 +153,7 @@ class CXRLTrainer:
             scores = replace(scores, anchor=self.anchor_cache.complete(reports, seeds, batch.anchor_rows, scores.anchor),
                              anchor_rows=None)
 
-        reference = self.anchor_reference(scores)  # 3. RLCF: each image against its anchor reference
+        reference = self.reference_scores(scores)  # 3. RLCF: each image against its anchor reference
         rewards, components = combine(scores.policy, reference, cfg.rewards)
 
         with timer("update"):  # 4. DDPO on the learner
@@ -267,7 +267,7 @@ class CXRLTrainer:
         return Scores(reports, policy, anchor, None if anchor_rows == list(range(len(reports))) else anchor_rows,
                       {name: sum(s.seconds for s in results) for name, results in scored.items()})
 
-    def anchor_reference(self, scores: Scores) -> dict[str, np.ndarray] | None:
+    def reference_scores(self, scores: Scores) -> dict[str, np.ndarray] | None:
         """Per reward, the anchor score [B] each policy image is compared with (rewards.anchor_reference)."""
         if scores.anchor is None:
             return None
