@@ -16,7 +16,7 @@ import torch
 from radrl.config import ExperimentConfig
 from radrl.data.report_pool import iteration_reports, report_pool
 from radrl.learner.ddpo import ddpo_loss
-from radrl.learner.ddpo_learner import DDPOLearner
+from radrl.learner.ddpo_learner import DDPOLearner, trained_steps
 from radrl.rollout.ddim import step_std
 from radrl.rollout.sampler import step_log_prob, text_conditions
 from radrl.rollout.worker import RolloutWorker
@@ -52,8 +52,9 @@ def step_gradient_norms(cfg: ExperimentConfig, batches: int = 4) -> list[dict[st
     sigma = step_std(learner.policy.models.scheduler, trajectory.timesteps.cpu(), trajectory.prev_timesteps.cpu(),
                      rollout.eta)
     share = mean ** 2 / (mean ** 2).sum()
+    trained = set(trained_steps(trajectory.timesteps, cfg.learner.min_train_timestep).tolist())
     return [{"step": k, "t": int(t), "sigma": float(s), "grad_norm": float(g), "share": float(f),
-             "trained": bool(t >= cfg.learner.min_train_timestep)}
+             "trained": k in trained}
             for k, (t, s, g, f) in enumerate(zip(trajectory.timesteps.tolist(), sigma.tolist(), mean, share))]
 
 
