@@ -102,8 +102,16 @@ class ReportGeneratorConfig(Section):
     num_regions: int = Field(29, ge=1, description="K: anatomical regions (Chest ImaGenome)")
     region_blocks: int = Field(3, ge=1, description="region cross-/self-attention blocks")
     vtrans_layers: int = Field(3, ge=1, description="VTrans transformer layers")
+    region_attention: Literal["region_query", "paper"] = Field(
+        "region_query", description="region blocks: each region prompt queries the image's patches (region_query), or "
+                                    "the paper's form, patches querying one region key (its softmax over one key is "
+                                    "1, so every patch gets the same region vector)")
     region_grid: int = Field(0, ge=0, description="average-pool the patch grid to G × G before the region blocks "
-                                                  "(0 = every patch); they cost K × a ViT pass")
+                                                  "(0 = every patch); the paper's form costs K × a ViT pass")
+    disease_prompt: Literal["off", "predicted", "teacher_forced"] = Field(
+        "teacher_forced", description="one decoder prompt token per CheXpert observation, mixed by the disease head's "
+                                      "probability; teacher_forced: the supervised stage uses the reference report's "
+                                      "labels instead (generation always uses the head)")
     instruction: str = "Write the findings and impression of this chest radiograph."
     max_new_tokens: int = Field(96, ge=2, description="longest generated report, in tokens")
     supervised_decoder: Literal["lora", "full"] = Field(
@@ -199,15 +207,24 @@ class LearnerConfig(Section):
     min_train_timestep: int = Field(
         0, ge=0, description="train only denoising steps at t ≥ this (0 = all); the last, nearly noise-free steps "
                              "have a tiny σ_t, so their log-prob gradients are the largest and carry the least signal")
-    per_prompt_stats: bool = Field(True, description="normalise advantages per report (stat tracker)")
+    per_prompt_stats: bool = Field(True, description="cxrl: normalise advantages per report (stat tracker)")
     stat_buffer_size: int = Field(16, ge=1)
     stat_min_count: int = Field(16, ge=1)
     lora_rank: int = Field(4, ge=1)
     lora_alpha: float = Field(4.0, gt=0)
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     ace_tokens: int = Field(3, ge=0, description="N adaptive condition embeddings; 0 = 'w/o ACE'")
-    kl_threshold: float = Field(1.0, gt=0, description="rrg: θ of the adaptive λ_KL, in reward units")
+    kl_threshold: float | None = Field(
+        None, gt=0, description="rrg: θ of the adaptive λ_KL, in reward units; None = set from the reward's measured "
+                                "scale: the kl_threshold_quantile of the first CQRL batch's rewards, then fixed")
+    kl_threshold_quantile: float = Field(0.75, gt=0, lt=1, description="rrg: quantile of the supervised model's "
+                                                                      "sampled rewards that sets θ (kl_threshold None)")
     adaptive_kl: bool = Field(True, description="rrg: λ_KL = 1 if reward ≥ θ else reward/θ (clipped at 0)")
+    rrg_advantage: Literal["rloo", "group_mean"] = Field(
+        "rloo", description="rrg: advantage = reward minus the mean of the image's other samples (rloo) or of all its "
+                            "samples (group_mean); no std division")
+    target_kl: float | None = Field(None, gt=0, description="rrg: stop an iteration's PPO epochs once a minibatch's "
+                                                            "approximate KL to the sampling policy exceeds this")
     lambda_kl: float = Field(1.0, ge=0, description="rrg: the fixed lambda_KL when adaptive_kl is off")
     supervised_epochs: int = Field(3, ge=0, description="rrg: supervised stage before CQRL")
     supervised_lr: float = Field(1e-4, gt=0, description="rrg: AdamW learning rate of the supervised stage")
@@ -295,6 +312,9 @@ class ExperimentConfig(Section):
                              "to 1 or more (the importance ratio corrects one version of staleness)")
         if rollout.precompute_anchor and not rollout.anchor_cache:
             raise ValueError("rollout.precompute_anchor fills the anchor cache: set rollout.anchor_cache=true too")
+        if self.task == "rrg" and self.rollout.samples_per_report < 2:
+            raise ValueError("rollout.samples_per_report must be ≥ 2 for rrg: a report's advantage is its reward minus "
+                             "the mean of the other reports sampled for the same image")
         if self.learner.stat_min_count > self.learner.stat_buffer_size:
             raise ValueError("learner.stat_min_count must not exceed learner.stat_buffer_size")
         if self.task == "cxrl" and self.rewards.lambda_align + self.rewards.lambda_diag + self.rewards.lambda_consist == 0:

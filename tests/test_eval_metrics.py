@@ -103,7 +103,7 @@ def test_ablation_tables_give_mean_and_std_over_seeds():
 def test_grids_have_every_variant_per_seed_and_dependent_cells_start_from_their_seeds_supervised_run(tmp_path):
     cxrl = grid(load_config(None, []), seeds=3, out_dir=tmp_path)
     assert len(cxrl) == 1 + 6 * 3 and "anchor" in cxrl and "consist_only_seed2" in cxrl
-    rrg_cfg = load_config(None, ["task=rrg"])
+    rrg_cfg = load_config(None, ["task=rrg", "rollout.samples_per_report=2"])
     rrg = grid(rrg_cfg, seeds=2, out_dir=tmp_path)
     assert list(rrg)[:2] == ["supervised_seed0", "supervised_seed1"]  # before the cells that start from them
     cell = rrg["bleu4_seed1"].config(rrg_cfg, rrg)

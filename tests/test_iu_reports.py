@@ -108,3 +108,20 @@ def test_real_archive_splits():
     assert 0.77 <= fractions["train"] <= 0.83
     assert 0.08 <= fractions["val"] <= 0.12 and 0.08 <= fractions["test"] <= 0.12
     assert [r.report_id for r in iu_split("test")] == [r.report_id for r in splits["test"]]
+
+
+@needs_iu
+def test_held_out_report_texts_never_occur_in_training():
+    """Held-out means unseen: no LM-RRG test pair's report text (case and whitespace folded) is a train text."""
+    from radrl.config import DataConfig
+    from radrl.data.iu_reports import normalized_text, unseen_reports
+    from radrl.data.pairs import image_report_pairs
+
+    train = {normalized_text(r.text) for r in iu_split("train")}
+    test = iu_split("test")
+    assert any(normalized_text(r.text) in train for r in test)  # the id split alone does leak: the filter matters
+    kept = unseen_reports(test)
+    assert kept and not any(normalized_text(r.text) in train for r in kept)
+    pairs = image_report_pairs(DataConfig(), "test", limit=40)
+    assert len(pairs) == 40 and not any(normalized_text(r) in train for r in pairs.reports)
+    assert normalized_text("  Lungs  CLEAR.\n") == "lungs clear."

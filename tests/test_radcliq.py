@@ -38,8 +38,30 @@ def test_radcliq_refuses_features_in_the_wrong_shape():
 def test_bleu2_hand_computed():
     # unigrams 3/4 match, bigrams 2/3, equal lengths: sqrt(3/4 · 2/3)
     assert bleu2("a b c d", "a b c e") == pytest.approx(np.sqrt(0.75 * 2 / 3))
-    assert bleu2("x y", "a b c") == 0.0
+    assert bleu2("x y", "a b c") == 0.0  # no unigram in common: 0 before any smoothing
     assert bleu2(NORMAL, NORMAL) == pytest.approx(1.0)
+
+
+def test_bleu2_smooths_a_zero_bigram_precision_as_the_official_fast_bleu():
+    # fast_bleu's default smoothing: a zero precision p_n becomes ε / (candidate n-grams), ε = 0.1.
+    # "clear lungs" vs "lungs clear": p1 = 2/2, p2 = 0.1/1, no brevity penalty → sqrt(0.1)
+    assert round(bleu2("clear lungs", "lungs clear"), 3) == 0.316
+    # one token: p1 = 1/1, p2 = 0.1/1 (an empty bigram count counts as 1), brevity exp(1 − 2/1)
+    assert bleu2("clear", "lungs clear") == pytest.approx(np.exp(-1.0) * np.sqrt(0.1))
+
+
+def test_bleu_tokens_split_on_single_spaces_as_the_official_code():
+    from radrl.reward_actors.radcliq import normalize_spaces, report_tokens
+
+    assert report_tokens("Lungs  clear. No\neffusion") == ["lungs", "clear", ".", "no\neffusion"]
+    assert normalize_spaces("Lungs   are  clear.") == "Lungs are clear."
+
+
+def test_radgraph_f1_of_two_empty_sets_is_zero_as_the_official_scorer():
+    assert graph_f1((set(), set()), (set(), set())) == 0.0
+    # the same entities and no relation on either side: (1 + 0) / 2
+    entities = {("effusion", "OBS-DP")}
+    assert graph_f1((entities, set()), (entities, set())) == 0.5
 
 
 def test_rule_graph_reads_negation_and_location():
@@ -101,7 +123,7 @@ def test_report_reward_actor_radcliq_and_bleu4_rewards():
     from radrl.rollout.report_worker import ReportRollout
 
     rollout = ReportRollout((ABNORMAL, NORMAL, ""), (ABNORMAL, ABNORMAL, ABNORMAL), 0, {})
-    radcliq_actor = ReportRewardScorer(load_config(None, ["task=rrg"]), "radcliq")
+    radcliq_actor = ReportRewardScorer(load_config(None, ["task=rrg", "rollout.samples_per_report=2"]), "radcliq")
     scored = radcliq_actor.score(rollout)
     # a perfect report earns RadCliQ(all features 0) − RadCliQ(perfect) = 2.4501 + 1.4407; an empty one
     # shares only the observations neither report mentions (the label-agreement feature)
@@ -111,7 +133,7 @@ def test_report_reward_actor_radcliq_and_bleu4_rewards():
     assert scored.rewards[2] == pytest.approx(expected)
     assert scored.rewards[0] > max(scored.rewards[1:])  # (a wrong report can score below an empty one)
     assert "rule" in radcliq_actor.backend_names()["radgraph"]
-    bleu_actor = ReportRewardScorer(load_config(None, ["task=rrg", "rewards.rrg_reward=bleu4"]), "bleu4")
+    bleu_actor = ReportRewardScorer(load_config(None, ["task=rrg", "rollout.samples_per_report=2", "rewards.rrg_reward=bleu4"]), "bleu4")
     assert bleu_actor.score(rollout).rewards == pytest.approx([1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="rrg_reward"):
-        ReportRewardScorer(load_config(None, ["task=rrg"]), "bleu4")
+        ReportRewardScorer(load_config(None, ["task=rrg", "rollout.samples_per_report=2"]), "bleu4")

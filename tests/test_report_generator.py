@@ -6,17 +6,19 @@ import torch
 
 from radrl.config import load_config
 from radrl.learner.ppo_learner import ReportLearner
+from radrl.learner.ppo import group_advantages
 from radrl.models.report_generator import REGION_PROMPTS, RegionBlock, build_report_policy
 from radrl.rollout.report_worker import ReportRolloutWorker
 
 REPORTS = ["Heart size is normal. No pleural effusion or pneumothorax.", "Moderate cardiomegaly. Small left effusion.",
            "The lungs are clear.", "Right upper lobe consolidation."]
+GROUPS = [0, 0, 1, 1]  # two images, two sampled reports each
 
 
 def config(**overrides):
-    settings = {"task": "rrg", "models.report_generator.region_grid": 2, "models.report_generator.max_new_tokens": 24,
-                "rollout.batch_size": 4, "learner.batch_size": 4, "learner.stat_buffer_size": 4,
-                "learner.stat_min_count": 4, "learner.clip_range": 0.2, "learner.lora_rank": 4}
+    settings = {"task": "rrg", "models.report_generator.max_new_tokens": 24, "rollout.batch_size": 4,
+                "rollout.samples_per_report": 2, "learner.batch_size": 4, "learner.clip_range": 0.2,
+                "learner.lora_rank": 4}
     settings.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in settings.items()])
 
@@ -48,6 +50,26 @@ def test_region_block_keeps_shapes_and_depends_on_the_region_text():
     assert not torch.allclose(out_a, out_b)
 
 
+def test_the_papers_region_block_adds_one_vector_to_every_patch():
+    """Patches query a single region key: the softmax over one key is 1, so cross-attention gives every patch
+    the same vector W_o·W_v·F_T^k, whatever the patch: the degeneracy that region_query avoids."""
+    torch.manual_seed(0)
+    block = RegionBlock(width=32, text_width=16, heads=2)
+    patches, text = torch.randn(2, 10, 32), torch.randn(2, 1, 16)
+    added = block.cross(block.norm_ca(patches), text, text, need_weights=False)[0]
+    assert torch.allclose(added, added[:, :1].expand_as(added), atol=1e-6)
+
+
+def test_region_queries_attend_differently_by_region_and_by_image():
+    generator = build_report_policy(config(), "cpu").generator
+    features, attention = generator.extractor.features_and_attention(images(2))
+    patches = generator.extractor.clip.patch_tokens(images(1)).shape[1]
+    assert attention.shape == (2, 29, patches)  # every region over the full patch grid
+    assert torch.allclose(attention.sum(dim=-1), torch.ones(2, 29), atol=1e-5)
+    assert (attention[0, 0] - attention[0, 8]).abs().max() > 1e-6  # right lung ≠ left lung, even untrained
+    assert (features[0, 1:] - features[1, 1:]).abs().max() > 1e-3  # region features depend on the image
+
+
 def test_visual_features_one_global_and_one_per_region_and_regions_differ_by_prompt():
     generator = build_report_policy(config(), "cpu").generator
     features = generator.extractor(images(2))
@@ -56,12 +78,13 @@ def test_visual_features_one_global_and_one_per_region_and_regions_differ_by_pro
     assert torch.cdist(regions, regions).fill_diagonal_(1.0).min() > 1e-3  # every region's feature is its own
     prompts = generator.prompt_embeddings(generator.visual_features(images(2)))
     instruction = len(generator.instruction_ids)
-    assert prompts.shape == (2, 30 + instruction, generator.decoder.get_input_embeddings().embedding_dim)
+    # [global, 29 regions], 14 disease-prompt tokens, the instruction and BOS
+    assert prompts.shape == (2, 30 + 14 + instruction, generator.decoder.get_input_embeddings().embedding_dim)
 
 
 def test_recomputed_token_log_probs_equal_the_sampled_ones():
     learner, worker = rl_stage(config())
-    trajectory, rollout = worker.sample(images().numpy(), REPORTS, seed=3)
+    trajectory, rollout = worker.sample(images().numpy(), REPORTS, GROUPS, seed=3)
     assert len(rollout.reports) == 4 and trajectory.weight_version == 0
     generator = learner.policy.generator
     with torch.no_grad():
@@ -80,13 +103,35 @@ def test_supervised_stage_lowers_the_report_loss_on_pairs_it_sees():
     before = learner.validation_loss(data)["report"]
     for epoch in range(8):
         learner.supervised_epoch(data, epoch)
-    assert learner.validation_loss(data)["report"] < before - 0.5
+    after = learner.validation_loss(data)
+    assert after["report"] < before - 0.5
+    assert np.isfinite(after["reliance_gap"]) and after["reliance_gap_se"] >= 0
+
+
+def test_group_advantages_hand_computed():
+    rewards, groups = np.array([1.0, 2.0, 6.0, 5.0, 5.0, 5.0]), [7, 7, 7, 3, 3, 3]
+    # leave-one-out: 1 − (2 + 6)/2 = −3, 2 − 3.5 = −1.5, 6 − 1.5 = 4.5; a group of equal rewards gives 0
+    assert group_advantages(rewards, groups, "rloo") == pytest.approx([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0])
+    assert group_advantages(rewards, groups, "group_mean") == pytest.approx([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="needs 2 or more"):
+        group_advantages(np.array([1.0, 2.0]), [0, 1], "rloo")
+
+
+def test_theta_comes_from_the_first_batch_and_target_kl_stops_epochs_early():
+    learner, worker = rl_stage(config(**{"learner.inner_epochs": 4, "learner.batch_size": 2,
+                                         "learner.target_kl": 1e-12}))
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)
+    rewards = np.array([0.2, 0.4, 0.6, 0.8])
+    metrics = learner.update(rewards, trajectory)
+    assert learner.kl_threshold == pytest.approx(np.quantile(rewards, 0.75))
+    assert metrics["lambda_kl"] == pytest.approx(np.mean(np.minimum(rewards / learner.kl_threshold, 1.0)))
+    assert metrics["steps_done"] < 1.0 and metrics["entropy"] > 0
 
 
 def test_ppo_update_changes_only_the_rl_lora():
     learner, worker = rl_stage(config())
     before = {n: p.detach().clone() for n, p in learner.policy.named_parameters()}
-    trajectory, _ = worker.sample(images().numpy(), REPORTS, seed=0)
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)
     metrics = learner.update(np.array([1.0, 0.0, 0.5, 2.0]), trajectory)
     assert metrics["weight_version"] == 1 and np.isfinite(metrics["loss"])
     changed = {n for n, p in learner.policy.named_parameters() if not torch.equal(p, before[n])}
@@ -95,7 +140,7 @@ def test_ppo_update_changes_only_the_rl_lora():
 
 def test_learner_refuses_stale_reports_and_a_wrong_number_of_rewards():
     learner, worker = rl_stage(config())
-    trajectory, _ = worker.sample(images().numpy(), REPORTS, seed=0)
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)
     with pytest.raises(ValueError, match="3 rewards for 4"):
         learner.update(np.zeros(3), trajectory)
     learner.update(np.arange(4.0), trajectory)

@@ -43,13 +43,16 @@ def test_in_process_rrg_run_writes_both_stages_and_the_table(tmp_path):
     assert supervised[0]["iteration"] == 1 and np.isfinite(supervised[0]["supervised/val_report"])
     first = history(tmp_path)[0]
     for key in ("reward/radcliq", "radcliq/v1", "radcliq/bertscore", "ppo/kl", "ppo/lambda_kl", "ppo/clipfrac",
-                "throughput/reports_per_s", "timing/sample", "timing/update", "timing/reward_radcliq"):
+                "ppo/entropy", "ppo/kl_threshold", "ppo/steps_done", "throughput/reports_per_s", "timing/sample",
+                "timing/update", "timing/reward_radcliq"):
         assert np.isfinite(first[key]), key
+    assert np.isfinite(supervised[0]["supervised/val_reliance_gap"])
     table = (tmp_path / "results.md").read_text()
     for label in ("BLEU-4", "METEOR", "ROUGE-L", "CE precision", "CE recall", "CE F1", "RadCliQ v0", "RadCliQ v1",
-                  "labeler agreement", "Offline stand-ins"):
+                  "sampled, T = 1", "always \"normal\"", "most common train report", "labeler agreement",
+                  "Offline stand-ins"):
         assert label in table, label
-    assert (tmp_path / "reward_curves.png").is_file()
+    assert (tmp_path / "reward_curves.png").is_file() and (tmp_path / "region_attention.png").is_file()
 
 
 @pytest.mark.slow

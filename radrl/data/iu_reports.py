@@ -137,3 +137,19 @@ def iu_split(split: str, reports: Sequence[IUReport] | None = None) -> list[IURe
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     reports = load_iu_reports() if reports is None else reports
     return [r for r in reports if split_of(r.report_id) == split]
+
+
+def normalized_text(text: str) -> str:
+    """Case and whitespace folded: the form in which two report texts count as the same text."""
+    return " ".join(text.lower().split())
+
+
+def unseen_reports(reports: Sequence[IUReport], seen: Sequence[IUReport] | None = None) -> list[IUReport]:
+    """The reports whose normalised text occurs in no `seen` report (default: the train split).
+
+    Splits are by report id, yet identical normal texts recur across ids; held-out means unseen,
+    so evaluation keeps only the texts training never read.
+    """
+    seen = iu_split("train") if seen is None else seen
+    known = {normalized_text(r.text) for r in seen}
+    return [r for r in reports if normalized_text(r.text) not in known]

@@ -35,14 +35,20 @@ class ImageReportSet:
 
 
 def image_report_pairs(cfg: DataConfig, split: str, limit: int | None = None) -> ImageReportSet:
-    """The pairs of `split` ('train' or 'test'), at most `limit` of them (a seeded draw), empty reports dropped."""
+    """The pairs of `split` ('train' or 'test'), at most `limit` of them (a seeded draw), empty reports dropped.
+
+    IU data (embedded, iu_xray): a test pair whose report text (normalised) occurs in the train split is
+    dropped, so held-out images come with report texts no training step has seen.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if cfg.source == "embedded":
         from radrl.data.embedded import embedded_pairs, render_specs
+        from radrl.data.iu_reports import iu_split, unseen_reports
 
-        pairs = [p for p in embedded_pairs(split, postures_per_report=1, posture_spread=cfg.posture_spread)
-                 if p.report.strip()]
+        reports = iu_split(split) if split == "train" else unseen_reports(iu_split(split))
+        pairs = [p for p in embedded_pairs(split, postures_per_report=1, posture_spread=cfg.posture_spread,
+                                           reports=reports) if p.report.strip()]
         pairs = [pairs[i] for i in _draw(len(pairs), limit)]
         images = render_specs([p.phantom for p in pairs], cfg.image_size)
         return ImageReportSet(images, tuple(p.report for p in pairs), np.stack([p.labels for p in pairs]))
@@ -63,9 +69,12 @@ def _from_records(cfg: DataConfig, split: str, limit: int | None) -> ImageReport
                                  n_train=cfg.n_train if split == "train" else 0,
                                  n_test=cfg.n_test if split == "test" else 0)[split]
     else:
-        from radrl.data.iu_reports import load_iu_reports
+        from radrl.data.iu_reports import iu_split, load_iu_reports, normalized_text
 
         records = [r for r in load_iu_images(cfg.iu_image_dir, load_iu_reports()) if r.split == split]
+        if split == "test":  # held-out means unseen: no test text that the train split also has
+            seen = {normalized_text(r.impression) for r in iu_split("train")}  # iu_xray reports are impressions
+            records = [r for r in records if normalized_text(r.report) not in seen]
     records = [records[i] for i in _draw(len(records), limit)]
     images, reports, skipped = [], [], 0
     for record in records:

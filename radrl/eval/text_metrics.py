@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 
 from radrl.data.labeler import label_reports
-from radrl.data.observations import Label
+from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.reward_actors.radcliq import generated_labels, report_tokens
 
 
@@ -71,9 +72,43 @@ def clinical_efficacy(candidates: Sequence[str], references: Sequence[str]) -> d
     return {"ce_precision": float(precision.mean()), "ce_recall": float(recall.mean()), "ce_f1": float(f1.mean())}
 
 
+def ce_per_observation(candidates: Sequence[str], references: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per observation, over the reports: F1, precision, recall of its POSITIVE label, and its reference count.
+
+    An observation no reference and no candidate marks positive has no F1 (NaN): there is nothing to find.
+    """
+    predicted = generated_labels(candidates) == Label.POSITIVE
+    truth = label_reports(list(references)) == Label.POSITIVE
+    result = {}
+    for k, name in enumerate(CHEXPERT_OBSERVATIONS):
+        hits, n_pred, n_true = int((predicted[:, k] & truth[:, k]).sum()), int(predicted[:, k].sum()), int(truth[:, k].sum())
+        precision = hits / n_pred if n_pred else float("nan") if not n_true else 0.0
+        recall = hits / n_true if n_true else float("nan")
+        f1 = 2 * hits / (n_pred + n_true) if n_pred + n_true else float("nan")
+        result[name] = {"f1": f1, "precision": precision, "recall": recall, "positives": n_true}
+    return result
+
+
 def nlg_and_ce(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """BLEU-4, METEOR, ROUGE-L and CE precision / recall / F1 of generated reports."""
     if len(candidates) != len(references) or not candidates:
         raise ValueError(f"need one generated report per reference, got {len(candidates)} for {len(references)}")
     return {"bleu4": bleu4(candidates, references), "meteor": meteor(candidates, references),
             "rouge_l": rouge_l(candidates, references), **clinical_efficacy(candidates, references)}
+
+
+# The always-"normal" baseline report: a text the labeler reads as No Finding and nothing else.
+NORMAL_REPORT = "The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax. No acute disease."
+
+
+def ce_baselines(train_reports: Sequence[str], references: Sequence[str]) -> dict[str, dict]:
+    """CE of two image-blind reports on `references`: the always-"normal" report and the training set's most common
+    report text (case and whitespace folded). Each: its text, example-based CE, and CE per observation."""
+    folded = Counter(" ".join(r.lower().split()) for r in train_reports)
+    common = folded.most_common(1)[0][0]
+    result = {}
+    for name, text in (("always_normal", NORMAL_REPORT), ("most_common_train", common)):
+        same = [text] * len(references)
+        result[name] = {"text": text, **clinical_efficacy(same, references),
+                        "ce_per_observation": ce_per_observation(same, references)}
+    return result

@@ -1,9 +1,38 @@
-"""LM-RRG's CQRL pieces that are plain math: the adaptive KL weight and the PPO loss."""
+"""LM-RRG's CQRL pieces that are plain math: group advantages, the adaptive KL weight and the PPO loss.
+
+The algorithm is critic-free, group-baseline PPO: each image's reports sampled in one iteration form
+a group, a report's advantage is its reward minus a baseline from the other reports of its group,
+and the clipped PPO surrogate and a KL penalty to the frozen reference train the policy. The
+paper's PPO is not specified further; it has no value head here (see the README).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+def group_advantages(rewards: np.ndarray, groups, estimator: str) -> np.ndarray:
+    """One advantage per sampled report, from the other samples of the same image (its group); no std division.
+
+    rloo:        A_i = r_i − mean_{j≠i} r_j      (leave-one-out baseline: unbiased, = k/(k−1) · (r_i − mean))
+    group_mean:  A_i = r_i − mean_j r_j
+    A group whose rewards are all equal gives every member 0: it carries no preference between reports.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    groups = np.asarray(groups)
+    if estimator not in ("rloo", "group_mean"):
+        raise ValueError(f"advantage estimator must be 'rloo' or 'group_mean', got {estimator!r}")
+    result = np.empty_like(rewards)
+    for group in np.unique(groups):
+        members = groups == group
+        k = int(members.sum())
+        if k < 2:
+            raise ValueError(f"group {group!r} has {k} sampled report; a group baseline needs 2 or more "
+                             "(rollout.samples_per_report ≥ 2)")
+        centred = rewards[members] - rewards[members].mean()
+        result[members] = centred * k / (k - 1) if estimator == "rloo" else centred
+    return result
 
 
 def adaptive_lambda_kl(rewards: np.ndarray, theta: float) -> np.ndarray:

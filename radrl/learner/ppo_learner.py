@@ -12,8 +12,8 @@ import torch
 
 from radrl.config import ExperimentConfig
 from radrl.data.pairs import ImageReportSet
-from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, check_update_batch
-from radrl.learner.ppo import adaptive_lambda_kl, ppo_loss
+from radrl.learner.ddpo import check_update_batch
+from radrl.learner.ppo import adaptive_lambda_kl, group_advantages, ppo_loss
 from radrl.learner.state import load_training_state, training_state
 from radrl.models.diffusion_policy import PublishedWeights
 from radrl.models.report_generator import build_report_policy
@@ -29,7 +29,8 @@ class ReportLearner:
         self.device = device_for(cfg.learner.resources.num_gpus)
         self.policy = build_report_policy(cfg, self.device)
         self.optimizer = self._optimizer(self.policy.supervised_parameters(), cfg.learner.supervised_lr)
-        self.tracker = PerPromptStatTracker(cfg.learner.stat_buffer_size, cfg.learner.stat_min_count)
+        # θ of the adaptive λ_KL: learner.kl_threshold, or set from the first CQRL batch's rewards (then fixed)
+        self.kl_threshold: float | None = cfg.learner.kl_threshold
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # minibatch order
         self.supervised_tensors: dict[str, torch.Tensor] | None = None  # kept after the stage, for checkpoints
         self.version = 0
@@ -67,7 +68,11 @@ class ReportLearner:
 
     @torch.no_grad()
     def validation_loss(self, data: ImageReportSet) -> dict[str, float]:
-        """Mean supervised losses on held-out pairs (no update)."""
+        """Mean supervised losses on held-out pairs (no update), and the image-reliance gap.
+
+        reliance_gap = mean over reports of [NLL(report | another report's image) − NLL(report | its image)],
+        the other image fixed by a seeded derangement; > 0 means the decoder reads the image. With its s.e.
+        """
         generator, size = self.policy.generator, self.cfg.learner.supervised_batch_size
         sums, count = {"report": 0.0, "disease": 0.0}, 0
         for start in range(0, len(data), size):
@@ -77,13 +82,39 @@ class ReportLearner:
             for key in sums:
                 sums[key] += parts[key] * len(batch)
             count += len(batch)
-        return {key: value / count for key, value in sums.items()}
+        result = {key: value / count for key, value in sums.items()}
+        gap = self.reliance_gaps(data)
+        result.update(reliance_gap=float(gap.mean()), reliance_gap_se=float(gap.std(ddof=1) / np.sqrt(len(gap))))
+        return result
+
+    @torch.no_grad()
+    def reliance_gaps(self, data: ImageReportSet) -> np.ndarray:
+        """Per held-out report: NLL with another report's image minus NLL with its own image [N]."""
+        generator, size = self.policy.generator, self.cfg.learner.supervised_batch_size
+        order = np.random.default_rng(self.cfg.seed).permutation(len(data))
+        other = np.empty(len(data), dtype=int)
+        other[order] = np.roll(order, 1)  # a derangement: no report keeps its own image
+        gaps = []
+        for start in range(0, len(data), size):
+            index = np.arange(start, min(start + size, len(data)))
+            reports = [data.reports[i] for i in index]
+            own = generator.report_nll(torch.from_numpy(data.images[index]).to(self.device), reports)
+            swapped = generator.report_nll(torch.from_numpy(data.images[other[index]]).to(self.device), reports)
+            gaps.append((swapped - own).cpu().numpy())
+        return np.concatenate(gaps)
 
     @torch.no_grad()
     def greedy(self, images: np.ndarray) -> list[str]:
         """Greedy-decoded reports of the current model (validation during the supervised stage)."""
         # a copy: object-store arrays are read-only
         return self.policy.generator.greedy_reports(torch.from_numpy(np.array(images)).to(self.device))
+
+    @torch.no_grad()
+    def region_attention(self, images: np.ndarray) -> np.ndarray | None:
+        """Each region's attention over the patch grid [B, K, N] (region_query blocks; None for the paper's form)."""
+        pixels = torch.from_numpy(np.array(images)).to(self.device)
+        attention = self.policy.generator.extractor.features_and_attention(pixels)[1]
+        return None if attention is None else attention.cpu().numpy()
 
     def start_rl(self) -> str:
         """End the supervised stage: keep its tensors, merge them, add the RL LoRA and its optimizer."""
@@ -116,23 +147,31 @@ class ReportLearner:
         return PublishedWeights(self.version, {k: v.cpu().numpy().copy() for k, v in self.policy.rl_state().items()})
 
     def lambda_kl(self, rewards: np.ndarray) -> np.ndarray:
-        """Per-report KL weight: the adaptive rule, or learner.lambda_kl when adaptive_kl is off."""
+        """Per-report KL weight: the adaptive rule with θ, or learner.lambda_kl when adaptive_kl is off."""
         learner = self.cfg.learner
         if learner.adaptive_kl:
-            return adaptive_lambda_kl(rewards, learner.kl_threshold)
+            return adaptive_lambda_kl(rewards, self.kl_threshold)
         return np.full(len(rewards), learner.lambda_kl)
 
     def update(self, rewards: np.ndarray, *trajectories: ReportTrajectory) -> dict[str, float]:
-        """One PPO round on this iteration's reports (rewards in the same order); bumps the version."""
+        """One PPO round on this iteration's reports (rewards in the same order); bumps the version.
+
+        Epochs over shuffled minibatches; with learner.target_kl they stop early once a minibatch's
+        approximate KL to the sampling policy exceeds it.
+        """
         self._require_stage("rl")
         batch = concat_report_trajectories(list(trajectories))
         rewards = check_update_batch(rewards, len(batch.references), batch.weight_version, self.version,
                                      self.cfg.orchestration.max_staleness)
         learner = self.cfg.learner
-        if learner.per_prompt_stats:
-            advantages = self.tracker.advantages(list(batch.references), rewards)
-        else:
-            advantages = batch_advantages(rewards)
+        if self.kl_threshold is None:  # θ from the reward's measured scale: a quantile of the first batch
+            self.kl_threshold = float(np.quantile(rewards, learner.kl_threshold_quantile))
+            if self.kl_threshold <= 0:
+                raise ValueError(f"the first CQRL batch's reward quantile {learner.kl_threshold_quantile} is "
+                                 f"{self.kl_threshold:.4g}: θ must be > 0; set learner.kl_threshold")
+        advantages = group_advantages(rewards, batch.groups, learner.rrg_advantage)
+        zero_variance = float(np.mean([np.ptp(rewards[np.asarray(batch.groups) == g]) == 0
+                                       for g in np.unique(batch.groups)]))
         advantages = torch.as_tensor(advantages, dtype=torch.float32, device=self.device).clamp(
             -learner.adv_clip_max, learner.adv_clip_max)
         lambda_kl = self.lambda_kl(rewards)
@@ -142,23 +181,34 @@ class ReportLearner:
         prompts = generator.frozen_prompts(batch.images.to(self.device))  # the extractor is frozen: constants
         weights = torch.as_tensor(lambda_kl, dtype=torch.float32, device=self.device)
         stats: dict[str, list[float]] = {}
+        steps, planned, stopped = 0, learner.inner_epochs * -(-len(rewards) // learner.batch_size), False
         for _ in range(learner.inner_epochs):
             order = torch.randperm(len(rewards), generator=self.generator).to(self.device)
             for start in range(0, len(order), learner.batch_size):
                 index = order[start:start + learner.batch_size]
-                log_probs = generator.token_log_probs(prompts[index], tokens[index], mask[index])
+                log_probs, entropy = generator.token_log_probs(prompts[index], tokens[index], mask[index],
+                                                               with_entropy=True)
                 loss, info = ppo_loss(log_probs, old[index], ref[index], mask[index], advantages[index],
                                       weights[index], learner.clip_range)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 info["grad_norm"] = self._clip_and_step(self.policy.rl_parameters(), "PPO")
                 info["loss"] = float(loss.detach())
+                info["entropy"] = float((entropy * mask[index]).sum() / mask[index].sum().clamp(min=1))
                 for key, value in info.items():
                     stats.setdefault(key, []).append(value)
+                steps += 1
+                if learner.target_kl is not None and info["approx_kl"] > learner.target_kl:
+                    stopped = True
+                    break
+            if stopped:
+                break
         self.version += 1
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
-        metrics.update(lambda_kl=float(lambda_kl.mean()), advantage_abs=float(advantages.abs().mean()),
-                       weight_version=self.version)
+        metrics.update(lambda_kl=float(lambda_kl.mean()), lambda_kl_below_one=float((lambda_kl < 1).mean()),
+                       kl_threshold=float(self.kl_threshold if learner.adaptive_kl else float("nan")),
+                       advantage_abs=float(advantages.abs().mean()), zero_variance_groups=zero_variance,
+                       steps_done=steps / planned, weight_version=self.version)
         return metrics
 
     def _clip_and_step(self, parameters, what: str) -> float:
@@ -179,9 +229,9 @@ class ReportLearner:
         tensors = {f"supervised/{k}": v.detach().cpu().clone() for k, v in supervised.items()}
         if rl:
             tensors.update({f"rl/{k}": v.detach().cpu().clone() for k, v in self.policy.rl_state().items()})
-        state, meta = training_state(self.optimizer, self.generator, self.tracker, self.version)
+        state, meta = training_state(self.optimizer, self.generator, None, self.version)
         tensors.update(state)
-        meta["stage"] = self.policy.stage
+        meta.update(stage=self.policy.stage, kl_threshold=self.kl_threshold)
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -195,4 +245,5 @@ class ReportLearner:
             self.optimizer = self._optimizer(self.policy.rl_parameters(), self.cfg.learner.lr)
         else:
             self.policy.load_supervised_state(supervised)
-        self.version = load_training_state(self.optimizer, self.generator, self.tracker, tensors, meta, self.device)
+        self.version = load_training_state(self.optimizer, self.generator, None, tensors, meta, self.device)
+        self.kl_threshold = meta["kl_threshold"]

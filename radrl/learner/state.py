@@ -26,12 +26,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups
 
 def training_state(optimizer: torch.optim.Optimizer, generator: torch.Generator, tracker, version: int
                    ) -> tuple[dict[str, torch.Tensor], dict]:
-    """What every learner checkpoints besides its weights: optimizer, RNG states, advantage stat buffers, version."""
+    """What every learner checkpoints besides its weights: optimizer, RNG states, advantage stat buffers (a
+    tracker, or None for a learner without one), version."""
     tensors, param_groups = optimizer_tensors(optimizer)
     tensors["rng/generator"] = generator.get_state()
     tensors["rng/torch"] = torch.get_rng_state()
     meta = {"weight_version": version, "optimizer_param_groups": param_groups,
-            "stat_buffers": {report: list(buffer) for report, buffer in tracker.buffers.items()}}
+            "stat_buffers": {report: list(buffer) for report, buffer in tracker.buffers.items()} if tracker is not None else {}}
     return tensors, meta
 
 

@@ -2,18 +2,26 @@
 
     patches F_I = CLIP image tower tokens                                   [B, N, D]
     region text F_T^k = CLIP text tower on region k's prompt                [K, E]
-    3 × region block (per region k):                                        [B·K, N, D]
-        F_CA  = CA(LN(F_I), F_T^k) + F_I        query = image, key/value = region text
-        F_SA  = SA(LN(F_CA)) + F_CA
-        F_FFN = FFN(LN(F_SA)) + F_SA
-    F_region^k = mean over patches;  global = mean of F_I                   [B, 1 + K, D]
+    3 × region block, one of two forms (models.report_generator.region_attention):
+      region_query (default)  region tokens R^k = W·F_T^k are the queries:  [B, K, D]
+        R = CA(LN(R), LN(F_I)) + R      each region attends over all N patches, several heads
+        R = SA(LN(R)) + R               regions attend to each other
+        R = FFN(LN(R)) + R
+      paper  (as the paper writes it; per region k, patches are the queries): [B·K, N, D]
+        F_CA  = CA(LN(F_I), F_T^k) + F_I, F_SA = SA(LN(F_CA)) + F_CA, F_FFN = FFN(LN(F_SA)) + F_SA,
+        F_region^k = mean over patches.  With one key/value per region the softmax is 1 for
+        every patch, so CA adds the same vector W_o·W_v·F_T^k to each patch: region identity
+        enters only as a constant bias, and regions differ little (kept for the paper's form).
+    global = mean of F_I;  [global, regions]                                 [B, 1 + K, D]
     VTrans (3 layers, width D) → projection to the decoder's width          [B, 1 + K, H]
-    decoder input = [visual prompts, instruction, BOS] → report tokens
+    disease prompt (models.report_generator.disease_prompt): for each CheXpert observation c,
+        p_c = σ(disease head) and the token p_c·e⁺_c + (1 − p_c)·e⁻_c             [B, 14, H]
+    decoder input = [visual prompts, disease prompt, instruction, BOS] → report tokens
 
 The CLIP towers are frozen throughout. The supervised stage trains the region blocks, VTrans,
-the projection, the disease head and the decoder (fully, or through a LoRA that is merged
-when the stage ends); the RL stage trains a fresh LoRA on the decoder only, so "adapters off"
-is the supervised model: the frozen reference G_ref of CQRL, with no second copy.
+the projection, the disease head and prompt, and the decoder (fully, or through a LoRA that is
+merged when the stage ends); the RL stage trains a fresh LoRA on the decoder only, so "adapters
+off" is the supervised model: the frozen reference G_ref of CQRL, with no second copy.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from radrl.config import ExperimentConfig
-from radrl.data.observations import CHEXPERT_OBSERVATIONS
+from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.models.clip import ImageReportClip, build_clip
 from radrl.models.report_lm import DecoderLM, build_decoder
 from radrl.models.weights import copy_named_tensors
@@ -67,7 +75,7 @@ REGIONS = tuple(REGION_PROMPTS)
 
 
 class RegionBlock(nn.Module):
-    """Pre-norm residual block: patches attend to a region's text feature, then to each other, then an FFN."""
+    """The paper's form: patches attend to a region's text feature (one key), then to each other, then an FFN."""
 
     def __init__(self, width: int, text_width: int, heads: int):
         super().__init__()
@@ -85,56 +93,110 @@ class RegionBlock(nn.Module):
         return self.ffn(self.norm_ffn(x)) + x
 
 
+class RegionQueryBlock(nn.Module):
+    """Region tokens query the image's patches (several heads), then attend to each other, then an FFN."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm_q, self.norm_patches = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.norm_sa, self.norm_ffn = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.cross = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, regions: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """regions [B, K, D], patches [B, N, D] → (regions [B, K, D], attention over patches [B, K, N], head mean)."""
+        keys = self.norm_patches(patches)
+        attended, attention = self.cross(self.norm_q(regions), keys, keys, need_weights=True)
+        x = regions + attended
+        h = self.norm_sa(x)
+        x = x + self.self_attn(h, h, h, need_weights=False)[0]
+        return x + self.ffn(self.norm_ffn(x)), attention
+
+
 class VisualExtractor(nn.Module):
     """Frozen CLIP features → [global, region_1..K] features of the image's width D."""
 
-    def __init__(self, clip: ImageReportClip, num_regions: int, num_blocks: int, region_grid: int = 0):
+    def __init__(self, clip: ImageReportClip, num_regions: int, num_blocks: int, region_grid: int = 0,
+                 region_attention: str = "region_query"):
         super().__init__()
-        self.region_grid = region_grid
         if not 1 <= num_regions <= len(REGIONS):
             raise ValueError(f"models.report_generator.num_regions must be 1..{len(REGIONS)}, got {num_regions}")
+        if region_attention not in ("region_query", "paper"):
+            raise ValueError(f"region_attention must be 'region_query' or 'paper', got {region_attention!r}")
+        self.region_grid, self.region_attention = region_grid, region_attention
         self.clip = clip.requires_grad_(False).eval()
         with torch.no_grad():  # the width of the patch features, and the region prompts (encoded once: they never change)
             width = clip.patch_tokens(torch.zeros(1, 1, clip.image_size, clip.image_size)).shape[-1]
             text = clip.encode_reports([REGION_PROMPTS[r] for r in REGIONS[:num_regions]])
         self.register_buffer("region_text", text, persistent=False)  # [K, E]
         heads = max(1, width // 64)
-        self.blocks = nn.ModuleList(RegionBlock(width, text.shape[-1], heads) for _ in range(num_blocks))
+        if region_attention == "paper":
+            self.blocks = nn.ModuleList(RegionBlock(width, text.shape[-1], heads) for _ in range(num_blocks))
+        else:
+            self.region_in = nn.Linear(text.shape[-1], width)  # region prompt → its query token
+            self.blocks = nn.ModuleList(RegionQueryBlock(width, heads) for _ in range(num_blocks))
         self.width, self.num_regions = width, num_regions
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 1, H, W] in [0, 1] → [B, 1 + K, D]."""
-        with torch.no_grad():
-            patches = self.clip.patch_tokens(images)  # [B, N, D]
-        global_feature = patches.mean(dim=1, keepdim=True)
-        if self.region_grid:  # average-pool the patch grid first: region blocks cost K × (a ViT pass)
+    def _pooled(self, patches: torch.Tensor) -> torch.Tensor:
+        if self.region_grid:  # average-pool the patch grid first (the paper's form costs K × a ViT pass)
             side = int(round(patches.shape[1] ** 0.5))
             grid = patches.transpose(1, 2).reshape(len(patches), -1, side, side)
             patches = F.adaptive_avg_pool2d(grid, self.region_grid).flatten(2).transpose(1, 2)
+        return patches
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1, H, W] in [0, 1] → [B, 1 + K, D]."""
+        return self.features_and_attention(images)[0]
+
+    def features_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, 1 + K, D] features, region_query: each region's attention over the patches [B, K, N] averaged
+        over heads and blocks; None for the paper's form, whose softmax over one key is constant)."""
+        with torch.no_grad():
+            patches = self.clip.patch_tokens(images)  # [B, N, D]
+        global_feature = patches.mean(dim=1, keepdim=True)
+        patches = self._pooled(patches)
         batch, count, width = patches.shape
         k = self.num_regions
+        if self.region_attention == "region_query":
+            regions = self.region_in(self.region_text).unsqueeze(0).expand(batch, -1, -1)
+            maps = []
+            for block in self.blocks:
+                regions, attention = block(regions, patches)
+                maps.append(attention)
+            return torch.cat([global_feature, regions], dim=1), torch.stack(maps).mean(dim=0)
         x = patches.unsqueeze(1).expand(batch, k, count, width).reshape(batch * k, count, width)
         text = self.region_text.unsqueeze(0).expand(batch, k, -1).reshape(batch * k, 1, -1)
         for block in self.blocks:
             x = block(x, text)
         regions = x.mean(dim=1).view(batch, k, width)
-        return torch.cat([global_feature, regions], dim=1)
+        return torch.cat([global_feature, regions], dim=1), None
 
 
 class ReportGenerator(nn.Module):
     """Images → visual prompts → decoder LM; plus the disease head on the visual features."""
 
     def __init__(self, clip: ImageReportClip, decoder: DecoderLM, num_regions: int, region_blocks: int,
-                 vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0):
+                 vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0,
+                 region_attention: str = "region_query", disease_prompt: str = "teacher_forced"):
         super().__init__()
-        self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid)
+        self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention)
         width = self.extractor.width
         layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.vtrans = nn.TransformerEncoder(layer, vtrans_layers, enable_nested_tensor=False)
-        hidden = decoder.model.get_input_embeddings().embedding_dim
-        self.project = nn.Linear(width, hidden)
+        embeddings = decoder.model.get_input_embeddings().weight
+        hidden, scale = embeddings.shape[1], float(embeddings.detach().float().std())
+        # visual and disease prompts start at the scale of the decoder's word embeddings: a prompt 20× larger
+        # than the words (a plain Linear on CLIP features) swamps the decoder; one much smaller is ignored
+        self.project = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden))
+        nn.init.normal_(self.project[1].weight, std=scale / width ** 0.5)
+        nn.init.zeros_(self.project[1].bias)
         self.disease_head = nn.Linear((1 + num_regions) * width, len(CHEXPERT_OBSERVATIONS))
+        # disease prompt: per observation, a "present" and an "absent" token mixed by the head's probability
+        self.disease_prompt = disease_prompt
+        self.disease_tokens = nn.Parameter(torch.randn(2, len(CHEXPERT_OBSERVATIONS), hidden) * scale) \
+            if disease_prompt != "off" else None
         self.decoder = decoder.model
         self.tokenizer = decoder.tokenizer
         ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
@@ -154,11 +216,23 @@ class ReportGenerator(nn.Module):
         prompts = self.prompt_embeddings(self.visual_features(unique.view(-1, *images.shape[1:])))
         return prompts[inverse]
 
-    def prompt_embeddings(self, features: torch.Tensor) -> torch.Tensor:
-        """[visual prompts, instruction, BOS] as decoder input embeddings [B, P, H]."""
-        visual = self.project(features)
+    def prompt_embeddings(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """[visual prompts, disease prompt (if on), instruction, BOS] as decoder input embeddings [B, P, H].
+
+        The disease prompt mixes each observation's two tokens by the head's probability (detached: L_disease
+        alone trains the head). With `labels` (the reference's codes) and disease_prompt 'teacher_forced', the
+        reference's POSITIVE labels stand in for the probabilities: the supervised stage's teacher forcing.
+        """
+        parts = [self.project(features)]
+        if self.disease_tokens is not None:
+            if labels is not None and self.disease_prompt == "teacher_forced":
+                p = (labels == Label.POSITIVE).float().unsqueeze(-1)  # [B, 14, 1]
+            else:
+                p = torch.sigmoid(self.disease_logits(features)).detach().unsqueeze(-1)
+            parts.append(p * self.disease_tokens[0] + (1 - p) * self.disease_tokens[1])
         instruction = self.decoder.get_input_embeddings()(self.instruction_ids)
-        return torch.cat([visual, instruction.unsqueeze(0).expand(len(features), -1, -1)], dim=1)
+        parts.append(instruction.unsqueeze(0).expand(len(features), -1, -1))
+        return torch.cat(parts, dim=1)
 
     def disease_logits(self, features: torch.Tensor) -> torch.Tensor:
         """[B, 1 + K, D] → [B, 14] logits of the CheXpert observations."""
@@ -188,15 +262,20 @@ class ReportGenerator(nn.Module):
                                       skip_special_tokens=True).strip()
                 for row, keep in zip(tokens, mask)]
 
-    def token_log_probs(self, prompts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """log p(token_t | prompt, tokens_<t) for every report token, teacher-forced → [B, T] (0 where masked)."""
+    def token_log_probs(self, prompts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                        with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """log p(token_t | prompt, tokens_<t) for every report token, teacher-forced → [B, T] (0 where masked);
+        with_entropy: also the entropy of each position's next-token distribution [B, T] (not masked)."""
         embeddings = torch.cat([prompts, self.decoder.get_input_embeddings()(tokens)], dim=1)
         attention = torch.cat([torch.ones(prompts.shape[:2], device=mask.device), mask], dim=1)
         logits = self.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
         # the logit at position p predicts position p + 1: the report's tokens are predicted from P − 1 on
         logits = logits[:, prompts.shape[1] - 1:-1].float()
-        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return log_probs * mask
+        all_log_probs = torch.log_softmax(logits, dim=-1)
+        log_probs = all_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
+        if with_entropy:
+            return log_probs, -(all_log_probs.exp() * all_log_probs).sum(dim=-1).detach()
+        return log_probs
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, greedy: bool, generator_seed: int | None = None
@@ -225,14 +304,21 @@ class ReportGenerator(nn.Module):
 
     # ------------------------------------------------------------------ supervised loss
 
+    @torch.no_grad()
+    def report_nll(self, images: torch.Tensor, reports: list[str]) -> torch.Tensor:
+        """Mean token negative log-likelihood of each report given its image → [B] (teacher-forced)."""
+        tokens, mask = self.encode_reports(reports)
+        log_probs = self.token_log_probs(self.prompt_embeddings(self.visual_features(images)), tokens, mask)
+        return -log_probs.sum(dim=1) / mask.sum(dim=1)
+
     def supervised_loss(self, images: torch.Tensor, reports: list[str], labels: torch.Tensor,
                         disease_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
         """L = L_report (token cross-entropy) + λ · L_disease (BCE; uncertain / unmentioned labels masked)."""
         features = self.visual_features(images)
         tokens, mask = self.encode_reports(reports)
-        log_probs = self.token_log_probs(self.prompt_embeddings(features), tokens, mask)
+        log_probs = self.token_log_probs(self.prompt_embeddings(features, labels), tokens, mask)
         report_loss = -log_probs.sum() / mask.sum()
-        # labels: CheXpert codes; POSITIVE → 1, NEGATIVE → 0, UNCERTAIN / NOT_MENTIONED left out
+        # labels: CheXpert codes; POSITIVE → 1, NEGATIVE → 0, UNCERTAIN / NOT_MENTIONED left out of L_disease
         known = (labels == 0) | (labels == 1)
         bce = F.binary_cross_entropy_with_logits(self.disease_logits(features), (labels == 1).float(), reduction="none")
         disease_loss = (bce * known).sum() / known.sum().clamp(min=1)
@@ -311,5 +397,6 @@ def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
     torch.manual_seed(cfg.seed)
     rg = cfg.models.report_generator
     generator = ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
-                                rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid)
+                                rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
+                                rg.region_attention, rg.disease_prompt)
     return ReportPolicy(generator, cfg).to(device)

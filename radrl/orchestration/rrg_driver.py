@@ -21,8 +21,9 @@ from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.pairs import image_report_pairs
 from radrl.data.report_pool import iteration_reports
+from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
-from radrl.eval.text_metrics import nlg_and_ce
+from radrl.eval.text_metrics import ce_baselines, ce_per_observation, nlg_and_ce
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.checkpoints import PREFIX, load_checkpoint, save_checkpoint
 from radrl.orchestration.driver import (RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner,
@@ -33,9 +34,10 @@ from radrl.reward_actors.radcliq import FEATURES
 log = logging.getLogger("radrl")
 
 REWARD = "reward/{name}"  # the training reward (higher is better)
-CURVES = ("reward/radcliq", "reward/bleu4", "radcliq/v1", "radcliq/v0", "ppo/kl", "ppo/lambda_kl")
+CURVES = ("reward/radcliq", "reward/bleu4", "radcliq/v1", "ppo/kl", "ppo/entropy", "ppo/lambda_kl")
 METRICS = ("bleu4", "meteor", "rouge_l", "ce_precision", "ce_recall", "ce_f1", "radcliq_v0", "radcliq_v1", *FEATURES)
 SAMPLE_REPORTS = 5  # held-out examples written to samples.md
+ATTENTION_IMAGES = 4  # held-out images in region_attention.png
 
 
 class RRGTrainer:
@@ -139,7 +141,8 @@ class RRGTrainer:
         results = {"task": "rrg", "iterations": self.iteration, "supervised_epochs": self.epochs_done,
                    "weight_version": self.weight_version, "reward": self.reward_name,
                    "backends": self.get(self.reward_actors[0].backend_names.remote()),
-                   "supervised": self.supervised_evaluation, "cqrl": end}
+                   "supervised": self.supervised_evaluation, "cqrl": end,
+                   "baselines": ce_baselines(list(self.train.reports), list(self.eval_set.reports))}
         self.write_results(results)
         return results
 
@@ -165,8 +168,9 @@ class RRGTrainer:
         for k, start in enumerate(range(0, len(index), size)):
             batch = self.train.take(index[start:start + size])
             worker = self.roles.workers[k % len(self.roles.workers)]
+            groups = [int(i) for i in index[start:start + size]]  # rows of one image form one advantage group
             calls.append(worker.sample.options(num_returns=2).remote(
-                batch.images, list(batch.reports), stable_seed("train", cfg.seed, self.iteration, k)))
+                batch.images, list(batch.reports), groups, stable_seed("train", cfg.seed, self.iteration, k)))
         return [t for t, _ in calls], self.get([r for _, r in calls])
 
     def broadcast(self) -> int:
@@ -176,13 +180,23 @@ class RRGTrainer:
         return published.version
 
     def evaluate(self) -> dict:
-        """Greedy reports of the current policy on the held-out images: NLG, CE and RadCliQ (per report kept)."""
+        """The current policy on the held-out images: greedy reports (NLG, CE, per-observation CE, RadCliQ) and
+        reports sampled at temperature 1 with fixed seeds (RadCliQ); per-report RadCliQ kept for paired errors."""
         images, references = self.eval_set.images, list(self.eval_set.reports)
         workers, size = self.roles.workers, self.cfg.rollout.batch_size
-        parts = self.get([workers[k % len(workers)].greedy.remote(images[s:s + size])
-                          for k, s in enumerate(range(0, len(images), size))])
-        texts = [t for part in parts for t in part]
-        summary = report_summary(texts, references, self.get(self.reward_actors[0].evaluate.remote(texts, references)))
+        starts = list(range(0, len(images), size))
+        greedy = self.get([workers[k % len(workers)].greedy.remote(images[s:s + size]) for k, s in enumerate(starts)])
+        sampled = self.get([workers[k % len(workers)].sampled_reports.remote(
+            images[s:s + size], stable_seed("eval", self.cfg.logging.eval_seed, k)) for k, s in enumerate(starts)])
+        texts = [t for part in greedy for t in part]
+        samples = [t for part in sampled for t in part]
+        scorer = self.reward_actors[0]
+        summary = report_summary(texts, references, self.get(scorer.evaluate.remote(texts, references)))
+        summary["ce_per_observation"] = ce_per_observation(texts, references)
+        sampled_scores = self.get(scorer.evaluate.remote(samples, references))
+        summary["sampled"] = {f"radcliq_{v}": float(np.mean(sampled_scores[f"radcliq_{v}"])) for v in ("v0", "v1")}
+        summary["per_report"].update({f"sampled_radcliq_{v}": sampled_scores[f"radcliq_{v}"].tolist()
+                                      for v in ("v0", "v1")})
         summary["samples"] = texts[:SAMPLE_REPORTS]
         return summary
 
@@ -252,6 +266,10 @@ class RRGTrainer:
         (self.run_dir / "results.md").write_text(format_results_table(results) + "\n\n" + format_samples(
             results, list(self.eval_set.reports)) + "\n")
         self.tracker.write_reward_curves(CURVES)  # only the curves this run logged are drawn
+        shown = self.eval_set.images[:ATTENTION_IMAGES]
+        attention = self.get(self.roles.learner.region_attention.remote(shown))
+        if attention is not None:
+            write_region_attention(shown, attention, self.run_dir / "region_attention.png")
         self.tracker.close()
         self.supervised_tracker.close()
 
@@ -295,6 +313,7 @@ def format_brief(summary: dict) -> str:
 def format_epoch(epoch: int, total: int, scalars: dict) -> str:
     return (f"supervised epoch {epoch}/{total}  train loss {scalars['supervised/train_loss']:.3f}  "
             f"val report {scalars['supervised/val_report']:.3f}  val disease {scalars['supervised/val_disease']:.3f}  "
+            f"image reliance {scalars['supervised/val_reliance_gap']:+.4f} ± {scalars['supervised/val_reliance_gap_se']:.4f}  "
             f"BLEU-4 {scalars['supervised/bleu4']:.3f}  CE F1 {scalars['supervised/ce_f1']:.3f}  "
             f"{scalars['timing/epoch']:.0f} s")
 
@@ -302,8 +321,8 @@ def format_epoch(epoch: int, total: int, scalars: dict) -> str:
 def format_progress(iteration: int, total: int, scalars: dict, reward_name: str) -> str:
     return (f"iter {iteration:>4}/{total}  reward {scalars[REWARD.format(name=reward_name)]:+.4f}  "
             f"RadCliQ-v1 {scalars['radcliq/v1']:.3f}  kl {scalars['ppo/kl']:.2e}  λ_KL {scalars['ppo/lambda_kl']:.2f}  "
-            f"clip {scalars['ppo/clipfrac']:.2f}  {scalars['rollout/words_per_report']:.0f} words  "
-            f"{scalars['throughput/reports_per_s']:.1f} reports/s  {scalars['timing/iteration']:.1f} s")
+            f"entropy {scalars['ppo/entropy']:.2f}  clip {scalars['ppo/clipfrac']:.2f}  "
+            f"{scalars['rollout/words_per_report']:.0f} words  {scalars['timing/iteration']:.1f} s")
 
 
 LABELS = {"bleu4": "BLEU-4", "meteor": "METEOR (exact+stem)", "rouge_l": "ROUGE-L", "ce_precision": "CE precision",
@@ -311,19 +330,36 @@ LABELS = {"bleu4": "BLEU-4", "meteor": "METEOR (exact+stem)", "rouge_l": "ROUGE-
 
 
 def format_results_table(results: dict) -> str:
-    """Markdown: each metric after the supervised stage and after CQRL (held-out images, greedy decoding)."""
+    """Markdown: each metric after the supervised stage and after CQRL (held-out images), then CE per observation
+    next to two image-blind baselines."""
     before, after, names = results["supervised"], results["cqrl"], results["backends"]
-    lines = [f"| held-out, greedy ({len(before['per_report']['radcliq_v1'])} images) | supervised | after CQRL "
+    lines = [f"| held-out ({len(before['per_report']['radcliq_v1'])} images) | supervised | after CQRL "
              f"({results['reward']} reward) | change (± paired s.e.) |", "|---|---|---|---|"]
     for key in METRICS:
         label = LABELS[key] if key in LABELS else f"RadCliQ feature: {names[key]}"
         change = f"{after[key] - before[key]:+.4f}"
         if key in ("radcliq_v0", "radcliq_v1"):
             change += f" ± {paired_se(before['per_report'][key], after['per_report'][key]):.4f}"
-        lines.append(f"| {label} | {before[key]:.4f} | {after[key]:.4f} | {change} |")
+        lines.append(f"| {label} (greedy) | {before[key]:.4f} | {after[key]:.4f} | {change} |")
+    for version in ("v1", "v0"):
+        key = f"sampled_radcliq_{version}"
+        b, a = before["sampled"][f"radcliq_{version}"], after["sampled"][f"radcliq_{version}"]
+        lines.append(f"| RadCliQ {version} ↓ (sampled, T = 1) | {b:.4f} | {a:.4f} | {a - b:+.4f} ± "
+                     f"{paired_se(before['per_report'][key], after['per_report'][key]):.4f} |")
     lines.append("")
     lines.append("RadCliQ backends: " + "; ".join(f"{k} = {v}" for k, v in names.items())
                  + (". Offline stand-ins, not the official RadCliQ." if "rule" in names["radgraph"] else "."))
+    baselines = results["baselines"]
+    lines += ["", "| CE F1, greedy (held-out positives) | always \"normal\" | most common train report | supervised "
+              "| after CQRL |", "|---|---|---|---|---|",
+              f"| example-based | {baselines['always_normal']['ce_f1']:.3f} | "
+              f"{baselines['most_common_train']['ce_f1']:.3f} | {before['ce_f1']:.3f} | {after['ce_f1']:.3f} |"]
+    for name, value in before["ce_per_observation"].items():
+        if value["positives"]:
+            cells = [baselines["always_normal"]["ce_per_observation"][name]["f1"],
+                     baselines["most_common_train"]["ce_per_observation"][name]["f1"], value["f1"],
+                     after["ce_per_observation"][name]["f1"]]
+            lines.append(f"| {name} ({value['positives']}) | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
 
 

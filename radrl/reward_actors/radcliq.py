@@ -13,7 +13,8 @@ Backends
                                          report pairs
     chexbert  label agreement            cosine of the project labeler's one-hot status vectors
                                          (the share of the 14 observations with the same status)
-    bleu2     BLEU-2                     exact: nltk sentence BLEU, weights (½, ½), no smoothing
+    bleu2     BLEU-2                     exact: as the official code's fast_bleu, i.e. sentence BLEU with
+                                         weights (½, ½) and add-ε smoothing (NLTK's method1, ε = 0.1)
 - "official" (for users with the weights): RadGraph via the radgraph package, BERTScore via
   bert-score with distilroberta-base layer 5 and its baseline, CheXbert [CLS] cosine via
   f1chexbert's labeler with a local chexbert.pth, BLEU-2 as above.
@@ -24,13 +25,12 @@ An offline number is never the official metric: result tables name the backends.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from nltk.translate.bleu_score import sentence_bleu
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from radrl.config import RewardsConfig
 from radrl.data.labeler import label_reports
@@ -59,19 +59,29 @@ def radcliq(features: np.ndarray, version: str) -> np.ndarray:
 
 
 def report_tokens(text: str) -> list[str]:
-    """CXR-Report-Metric's BLEU tokens: lower case, '.' split off, whitespace split."""
-    return text.lower().replace(".", " .").split()
+    """CXR-Report-Metric's BLEU tokens: lower case, '.' split off, split on single spaces, empty tokens dropped.
+
+    Only " " separates tokens there: a newline or tab stays inside its token, as in the official code.
+    """
+    return [token for token in text.lower().replace(".", " .").split(" ") if token]
+
+
+# fast_bleu's default (smoothing_func=1): a zero n-gram precision becomes ε / (candidate n-grams), ε = 0.1
+_BLEU_SMOOTHING = SmoothingFunction(epsilon=0.1).method1
 
 
 def bleu2(candidate: str, reference: str) -> float:
-    """Sentence BLEU-2 of one report against one reference (0 when no bigram matches)."""
+    """Sentence BLEU-2 of one report against one reference, as RadCliQ's official code computes it
+    (fast_bleu, weights (½, ½), its default add-ε smoothing); 0 for an empty candidate or reference."""
     cand, ref = report_tokens(candidate), report_tokens(reference)
-    if len(cand) < 2 or len(ref) < 2:
+    if not cand or not ref:
         return 0.0
-    with warnings.catch_warnings():  # nltk warns (and returns ~1e-155) when no bigram matches: that is 0
-        warnings.simplefilter("ignore")
-        score = sentence_bleu([ref], cand, weights=(0.5, 0.5))
-    return float(score) if score > 1e-12 else 0.0
+    return float(sentence_bleu([ref], cand, weights=(0.5, 0.5), smoothing_function=_BLEU_SMOOTHING))
+
+
+def normalize_spaces(text: str) -> str:
+    """What the official code does to a report before BERTScore: runs of spaces collapsed to one."""
+    return re.sub(r" +", " ", text)
 
 
 # ---------------------------------------------------------------- CheXbert stand-in
@@ -148,8 +158,7 @@ def rule_graph(text: str) -> tuple[set, set]:
 
 
 def _f1(candidate: set, reference: set) -> float:
-    if not candidate and not reference:
-        return 1.0
+    """F1 of two sets; 0 when either is empty, both included, as in the official RadGraph scoring."""
     if not candidate or not reference:
         return 0.0
     overlap = len(candidate & reference)
@@ -262,13 +271,14 @@ class RadCliQScorer:
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidate reports for {len(references)} references")
         bleu = [bleu2(c, r) for c, r in zip(candidates, references)]
+        spaced = [normalize_spaces(c) for c in candidates], [normalize_spaces(r) for r in references]  # BERTScore's input
         if self.backends == "offline":
             graph = [graph_f1(rule_graph(c), rule_graph(r)) for c, r in zip(candidates, references)]
-            bert = self.bertscore(candidates, references)
+            bert = self.bertscore(*spaced)
             labels = label_agreement(candidates, references)
         else:
             graph = self._official_graph(candidates, references)
-            bert = self.bert.score(list(candidates), list(references))[2].numpy()
+            bert = self.bert.score(*spaced)[2].numpy()
             labels = self._official_chexbert(candidates, references)
         return np.stack([np.asarray(graph), np.asarray(bert), np.asarray(labels), np.asarray(bleu)], axis=1)
 

@@ -24,7 +24,8 @@ class ReportTrajectory:
     mask: torch.Tensor  # [B, T] 1 on report tokens and their EOS
     log_probs: torch.Tensor  # [B, T] log π_old(token), 0 where masked
     ref_log_probs: torch.Tensor  # [B, T] log π_ref(token), 0 where masked
-    references: tuple[str, ...]  # ground-truth reports (group key of the advantages)
+    references: tuple[str, ...]  # ground-truth reports
+    groups: tuple[int, ...]  # the image each report was sampled for (training-set index): the advantage group
     weight_version: int
 
 
@@ -51,7 +52,8 @@ def concat_report_trajectories(parts: list[ReportTrajectory]) -> ReportTrajector
     return ReportTrajectory(torch.cat([p.images for p in parts]), torch.cat([pad(p.tokens) for p in parts]),
                             torch.cat([pad(p.mask) for p in parts]), torch.cat([pad(p.log_probs) for p in parts]),
                             torch.cat([pad(p.ref_log_probs) for p in parts]),
-                            tuple(r for p in parts for r in p.references), parts[0].weight_version)
+                            tuple(r for p in parts for r in p.references), tuple(g for p in parts for g in p.groups),
+                            parts[0].weight_version)
 
 
 class ReportRolloutWorker:
@@ -81,8 +83,10 @@ class ReportRolloutWorker:
         return torch.tensor(np.asarray(images), dtype=torch.float32).to(self.device)  # a copy: object-store arrays are read-only
 
     @torch.no_grad()
-    def sample(self, images, references: list[str], seed: int) -> tuple[ReportTrajectory, ReportRollout]:
-        """One sampled report per image, with the policy's and the reference's token log-probs."""
+    def sample(self, images, references: list[str], groups: list[int], seed: int
+               ) -> tuple[ReportTrajectory, ReportRollout]:
+        """One sampled report per image row, with the policy's and the reference's token log-probs; `groups`
+        names each row's image (rows of one image share a group: the learner's advantage baseline)."""
         if self.weight_version < 0:
             raise RuntimeError(f"rollout worker {self.index}: no weights loaded; the driver must broadcast first")
         generator = self.policy.generator
@@ -98,8 +102,18 @@ class ReportRolloutWorker:
         seconds["reference"] = time.perf_counter() - start
         texts = tuple(generator.decode(tokens, mask))
         trajectory = ReportTrajectory(pixels.cpu(), tokens.cpu(), mask.cpu(), log_probs.cpu(), ref_log_probs.cpu(),
-                                      tuple(references), self.weight_version)
+                                      tuple(references), tuple(int(g) for g in groups), self.weight_version)
         return trajectory, ReportRollout(texts, tuple(references), self.weight_version, seconds)
+
+    @torch.no_grad()
+    def sampled_reports(self, images, seed: int, reference: bool = False) -> list[str]:
+        """Reports sampled at temperature 1 (evaluation): the policy, or with `reference` the supervised model."""
+        generator = self.policy.generator
+        prompts = generator.frozen_prompts(self._images(images))
+        if reference:
+            with self.policy.reference():
+                return generator.decode(*generator.generate(prompts, greedy=False, generator_seed=seed))
+        return generator.decode(*generator.generate(prompts, greedy=False, generator_seed=seed))
 
     @torch.no_grad()
     def greedy(self, images) -> list[str]:
