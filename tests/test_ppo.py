@@ -43,7 +43,8 @@ def test_learner_uses_the_fixed_lambda_when_adaptive_kl_is_off():
     from radrl.learner.ppo_learner import ReportLearner
 
     rewards = np.array([0.2, 3.0])
-    adaptive = ReportLearner(load_config(None, ["task=rrg", "rollout.samples_per_report=2", "learner.kl_threshold=0.4"]))
+    adaptive = ReportLearner(load_config(None, ["task=rrg", "rollout.samples_per_report=2",
+                                                "learner.kl_threshold=0.4"]))
     assert adaptive.lambda_kl(rewards) == pytest.approx([0.5, 1.0])
     fixed = ReportLearner(load_config(None, ["task=rrg", "rollout.samples_per_report=2", "learner.adaptive_kl=false",
                                             "learner.lambda_kl=0.3"]))

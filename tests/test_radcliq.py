@@ -133,7 +133,8 @@ def test_report_reward_actor_radcliq_and_bleu4_rewards():
     assert scored.rewards[2] == pytest.approx(expected)
     assert scored.rewards[0] > max(scored.rewards[1:])  # (a wrong report can score below an empty one)
     assert "rule" in radcliq_actor.backend_names()["radgraph"]
-    bleu_actor = ReportRewardScorer(load_config(None, ["task=rrg", "rollout.samples_per_report=2", "rewards.rrg_reward=bleu4"]), "bleu4")
+    bleu_cfg = load_config(None, ["task=rrg", "rollout.samples_per_report=2", "rewards.rrg_reward=bleu4"])
+    bleu_actor = ReportRewardScorer(bleu_cfg, "bleu4")
     assert bleu_actor.score(rollout).rewards == pytest.approx([1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="rrg_reward"):
         ReportRewardScorer(load_config(None, ["task=rrg", "rollout.samples_per_report=2"]), "bleu4")

@@ -21,6 +21,7 @@ from nltk.translate.bleu_score import corpus_bleu
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 
+from radrl.data.iu_reports import normalized_text
 from radrl.data.labeler import label_reports
 from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.reward_actors.radcliq import generated_labels, report_tokens
@@ -59,10 +60,14 @@ def rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
     return float(np.mean([scorer.score(r, c)["rougeL"].fmeasure for c, r in zip(candidates, references)]))
 
 
+def _positives(candidates: Sequence[str], references: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(generated, reference) POSITIVE labels, bool [N, 14]."""
+    return generated_labels(candidates) == Label.POSITIVE, label_reports(list(references)) == Label.POSITIVE
+
+
 def clinical_efficacy(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Example-based precision, recall and F1 of the 14 observations' POSITIVE labels."""
-    predicted = generated_labels(candidates) == Label.POSITIVE
-    truth = label_reports(list(references)) == Label.POSITIVE
+    predicted, truth = _positives(candidates, references)
     hits = (predicted & truth).sum(axis=1)
     n_pred, n_true = predicted.sum(axis=1), truth.sum(axis=1)
     both_empty = (n_pred == 0) & (n_true == 0)
@@ -77,11 +82,11 @@ def ce_per_observation(candidates: Sequence[str], references: Sequence[str]) -> 
 
     An observation no reference and no candidate marks positive has no F1 (NaN): there is nothing to find.
     """
-    predicted = generated_labels(candidates) == Label.POSITIVE
-    truth = label_reports(list(references)) == Label.POSITIVE
+    predicted, truth = _positives(candidates, references)
     result = {}
     for k, name in enumerate(CHEXPERT_OBSERVATIONS):
-        hits, n_pred, n_true = int((predicted[:, k] & truth[:, k]).sum()), int(predicted[:, k].sum()), int(truth[:, k].sum())
+        hits = int((predicted[:, k] & truth[:, k]).sum())
+        n_pred, n_true = int(predicted[:, k].sum()), int(truth[:, k].sum())
         precision = hits / n_pred if n_pred else float("nan") if not n_true else 0.0
         recall = hits / n_true if n_true else float("nan")
         f1 = 2 * hits / (n_pred + n_true) if n_pred + n_true else float("nan")
@@ -98,13 +103,14 @@ def nlg_and_ce(candidates: Sequence[str], references: Sequence[str]) -> dict[str
 
 
 # The always-"normal" baseline report: a text the labeler reads as No Finding and nothing else.
-NORMAL_REPORT = "The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax. No acute disease."
+NORMAL_REPORT = ("The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax. "
+                 "No acute disease.")
 
 
 def ce_baselines(train_reports: Sequence[str], references: Sequence[str]) -> dict[str, dict]:
     """CE of two image-blind reports on `references`: the always-"normal" report and the training set's most common
     report text (case and whitespace folded). Each: its text, example-based CE, and CE per observation."""
-    folded = Counter(" ".join(r.lower().split()) for r in train_reports)
+    folded = Counter(normalized_text(r) for r in train_reports)
     common = folded.most_common(1)[0][0]
     result = {}
     for name, text in (("always_normal", NORMAL_REPORT), ("most_common_train", common)):

@@ -31,8 +31,8 @@ def training_state(optimizer: torch.optim.Optimizer, generator: torch.Generator,
     tensors, param_groups = optimizer_tensors(optimizer)
     tensors["rng/generator"] = generator.get_state()
     tensors["rng/torch"] = torch.get_rng_state()
-    meta = {"weight_version": version, "optimizer_param_groups": param_groups,
-            "stat_buffers": {report: list(buffer) for report, buffer in tracker.buffers.items()} if tracker is not None else {}}
+    buffers = {} if tracker is None else {report: list(buffer) for report, buffer in tracker.buffers.items()}
+    meta = {"weight_version": version, "optimizer_param_groups": param_groups, "stat_buffers": buffers}
     return tensors, meta
 
 

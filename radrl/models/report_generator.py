@@ -104,10 +104,12 @@ class RegionQueryBlock(nn.Module):
         self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, regions: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """regions [B, K, D], patches [B, N, D] → (regions [B, K, D], attention over patches [B, K, N], head mean)."""
+    def forward(self, regions: torch.Tensor, patches: torch.Tensor, with_attention: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """regions [B, K, D], patches [B, N, D] → (regions [B, K, D], with_attention: the head-mean attention over
+        patches [B, K, N], else None; asking for it leaves PyTorch's fused attention path, so only figures do)."""
         keys = self.norm_patches(patches)
-        attended, attention = self.cross(self.norm_q(regions), keys, keys, need_weights=True)
+        attended, attention = self.cross(self.norm_q(regions), keys, keys, need_weights=with_attention)
         x = regions + attended
         h = self.norm_sa(x)
         x = x + self.self_attn(h, h, h, need_weights=False)[0]
@@ -147,11 +149,13 @@ class VisualExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 1, H, W] in [0, 1] → [B, 1 + K, D]."""
-        return self.features_and_attention(images)[0]
+        return self.features_and_attention(images, with_attention=False)[0]
 
-    def features_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """([B, 1 + K, D] features, region_query: each region's attention over the patches [B, K, N] averaged
-        over heads and blocks; None for the paper's form, whose softmax over one key is constant)."""
+    def features_and_attention(self, images: torch.Tensor, with_attention: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, 1 + K, D] features, region_query with_attention: each region's attention over the patches [B, K, N]
+        averaged over heads and blocks; else None, and always None for the paper's form, whose softmax over one
+        key is constant)."""
         with torch.no_grad():
             patches = self.clip.patch_tokens(images)  # [B, N, D]
         global_feature = patches.mean(dim=1, keepdim=True)
@@ -162,9 +166,10 @@ class VisualExtractor(nn.Module):
             regions = self.region_in(self.region_text).unsqueeze(0).expand(batch, -1, -1)
             maps = []
             for block in self.blocks:
-                regions, attention = block(regions, patches)
+                regions, attention = block(regions, patches, with_attention)
                 maps.append(attention)
-            return torch.cat([global_feature, regions], dim=1), torch.stack(maps).mean(dim=0)
+            features = torch.cat([global_feature, regions], dim=1)
+            return features, torch.stack(maps).mean(dim=0) if with_attention else None
         x = patches.unsqueeze(1).expand(batch, k, count, width).reshape(batch * k, count, width)
         text = self.region_text.unsqueeze(0).expand(batch, k, -1).reshape(batch * k, 1, -1)
         for block in self.blocks:

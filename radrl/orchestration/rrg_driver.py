@@ -313,7 +313,8 @@ def format_brief(summary: dict) -> str:
 def format_epoch(epoch: int, total: int, scalars: dict) -> str:
     return (f"supervised epoch {epoch}/{total}  train loss {scalars['supervised/train_loss']:.3f}  "
             f"val report {scalars['supervised/val_report']:.3f}  val disease {scalars['supervised/val_disease']:.3f}  "
-            f"image reliance {scalars['supervised/val_reliance_gap']:+.4f} ± {scalars['supervised/val_reliance_gap_se']:.4f}  "
+            f"image reliance {scalars['supervised/val_reliance_gap']:+.4f} "
+            f"± {scalars['supervised/val_reliance_gap_se']:.4f}  "
             f"BLEU-4 {scalars['supervised/bleu4']:.3f}  CE F1 {scalars['supervised/ce_f1']:.3f}  "
             f"{scalars['timing/epoch']:.0f} s")
 

@@ -271,7 +271,8 @@ class RadCliQScorer:
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidate reports for {len(references)} references")
         bleu = [bleu2(c, r) for c, r in zip(candidates, references)]
-        spaced = [normalize_spaces(c) for c in candidates], [normalize_spaces(r) for r in references]  # BERTScore's input
+        # BERTScore's input, as the official code prepares it
+        spaced = [normalize_spaces(c) for c in candidates], [normalize_spaces(r) for r in references]
         if self.backends == "offline":
             graph = [graph_f1(rule_graph(c), rule_graph(r)) for c, r in zip(candidates, references)]
             bert = self.bertscore(*spaced)

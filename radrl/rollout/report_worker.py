@@ -106,13 +106,10 @@ class ReportRolloutWorker:
         return trajectory, ReportRollout(texts, tuple(references), self.weight_version, seconds)
 
     @torch.no_grad()
-    def sampled_reports(self, images, seed: int, reference: bool = False) -> list[str]:
-        """Reports sampled at temperature 1 (evaluation): the policy, or with `reference` the supervised model."""
+    def sampled_reports(self, images, seed: int) -> list[str]:
+        """Reports of the current policy sampled at temperature 1 from a fixed seed (evaluation)."""
         generator = self.policy.generator
         prompts = generator.frozen_prompts(self._images(images))
-        if reference:
-            with self.policy.reference():
-                return generator.decode(*generator.generate(prompts, greedy=False, generator_seed=seed))
         return generator.decode(*generator.generate(prompts, greedy=False, generator_seed=seed))
 
     @torch.no_grad()
