@@ -152,3 +152,10 @@ def test_empty_reference_report_is_refused_with_advice():
     generator = build_report_policy(config(), "cpu").generator
     with pytest.raises(ValueError, match="empty report"):
         generator.encode_reports(["Normal.", "  "])
+
+
+def test_fixed_lambda_kl_needs_no_theta_even_when_every_reward_is_zero():
+    learner, worker = rl_stage(config(**{"learner.adaptive_kl": "false"}))
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)
+    metrics = learner.update(np.zeros(4), trajectory)  # a zero θ would be refused; fixed λ_KL never uses it
+    assert learner.kl_threshold is None and metrics["lambda_kl"] == 1.0 and np.isnan(metrics["kl_threshold"])

@@ -164,7 +164,7 @@ class ReportLearner:
         rewards = check_update_batch(rewards, len(batch.references), batch.weight_version, self.version,
                                      self.cfg.orchestration.max_staleness)
         learner = self.cfg.learner
-        if self.kl_threshold is None:  # θ from the reward's measured scale: a quantile of the first batch
+        if learner.adaptive_kl and self.kl_threshold is None:  # θ from the reward's scale: a first-batch quantile
             self.kl_threshold = float(np.quantile(rewards, learner.kl_threshold_quantile))
             if self.kl_threshold <= 0:
                 raise ValueError(f"the first CQRL batch's reward quantile {learner.kl_threshold_quantile} is "
@@ -206,7 +206,7 @@ class ReportLearner:
         self.version += 1
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
         metrics.update(lambda_kl=float(lambda_kl.mean()), lambda_kl_below_one=float((lambda_kl < 1).mean()),
-                       kl_threshold=float(self.kl_threshold if learner.adaptive_kl else float("nan")),
+                       kl_threshold=float(self.kl_threshold) if learner.adaptive_kl else float("nan"),
                        advantage_abs=float(advantages.abs().mean()), zero_variance_groups=zero_variance,
                        steps_done=steps / planned, weight_version=self.version)
         return metrics
