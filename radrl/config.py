@@ -111,7 +111,7 @@ class ReportGeneratorConfig(Section):
     disease_prompt: Literal["off", "predicted", "teacher_forced"] = Field(
         "teacher_forced", description="one decoder prompt token per CheXpert observation, mixed by the disease head's "
                                       "probability; teacher_forced: the supervised stage uses the reference report's "
-                                      "labels instead (generation always uses the head)")
+                                      "labels instead, and generation the head's 0/1 decision (p ≥ 0.5)")
     instruction: str = "Write the findings and impression of this chest radiograph."
     max_new_tokens: int = Field(96, ge=2, description="longest generated report, in tokens")
     supervised_decoder: Literal["lora", "full"] = Field(
@@ -120,6 +120,10 @@ class ReportGeneratorConfig(Section):
     decoder_lora_targets: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "out_proj"),
                                                   description="decoder modules that get LoRA (OPT's attention)")
     disease_weight: float = Field(1.0, ge=0, description="λ of L_disease in the supervised loss")
+    disease_unmentioned: Literal["negative", "ignore"] = Field(
+        "negative", description="L_disease target of an observation the report does not mention: negative (what the "
+                                "prompt teacher-forces too), or left out of the loss (then an observation reports "
+                                "mention mostly when present, e.g. Atelectasis, trains the head on positives only)")
 
 
 class ModelsConfig(Section):

@@ -82,6 +82,46 @@ def test_visual_features_one_global_and_one_per_region_and_regions_differ_by_pro
     assert prompts.shape == (2, 30 + 14 + instruction, generator.decoder.get_input_embeddings().embedding_dim)
 
 
+def test_teacher_forced_disease_prompt_is_the_labels_in_training_and_the_heads_decision_in_generation():
+    from radrl.data.observations import Label
+
+    generator = build_report_policy(config(), "cpu").generator
+    features = generator.visual_features(images(2))
+    positive, negative = generator.disease_tokens.detach()
+    labels = torch.full((2, 14), int(Label.NOT_MENTIONED))
+    labels[0, 2] = int(Label.POSITIVE)  # Cardiomegaly in the first report
+    visual = features.shape[1]
+    taught = generator.prompt_embeddings(features, labels)[:, visual:visual + 14].detach()
+    assert torch.equal(taught[0, 2], positive[2]) and torch.equal(taught[1, 2], negative[2])
+    assert torch.equal(taught[0, 3], negative[3])  # not mentioned → the "absent" token
+    with torch.no_grad():  # generation: each token is exactly e⁺ or e⁻, as the head decides at p = 0.5
+        generator.disease_head.bias.copy_(torch.linspace(-3, 3, 14))
+        generator.disease_head.weight.zero_()
+        generated = generator.prompt_embeddings(features)[:, visual:visual + 14]
+    decided = torch.linspace(-3, 3, 14) >= 0
+    expected = torch.where(decided[:, None], positive, negative)
+    assert torch.equal(generated[0], expected) and torch.equal(generated[1], expected)
+
+
+def test_unmentioned_observations_train_the_disease_head_as_negatives_unless_ignored():
+    """IU reports name Atelectasis mostly when present (244 positive, 8 negative, 2,822 unmentioned in train):
+    with unmentioned left out, the head would only ever see positives."""
+    from radrl.data.observations import Label
+
+    labels = torch.full((4, 14), int(Label.NOT_MENTIONED))
+    labels[:, 8] = int(Label.POSITIVE)
+    losses = {}
+    for mode in ("negative", "ignore"):
+        generator = build_report_policy(config(**{"models.report_generator.disease_unmentioned": mode}), "cpu").generator
+        with torch.no_grad():
+            generator.disease_head.weight.zero_()
+            generator.disease_head.bias.fill_(2.0)  # every observation predicted present with p = σ(2)
+        losses[mode] = generator.supervised_loss(images(), REPORTS, labels, 1.0)[1]["disease"]
+    bce_pos, bce_neg = float(torch.nn.functional.softplus(torch.tensor(-2.0))), float(torch.nn.functional.softplus(torch.tensor(2.0)))
+    assert losses["ignore"] == pytest.approx(bce_pos, rel=1e-5)  # only the 4 positives count
+    assert losses["negative"] == pytest.approx((bce_pos + 13 * bce_neg) / 14, rel=1e-5)
+
+
 def test_recomputed_token_log_probs_equal_the_sampled_ones():
     learner, worker = rl_stage(config())
     trajectory, rollout = worker.sample(images().numpy(), REPORTS, GROUPS, seed=3)
@@ -159,3 +199,27 @@ def test_fixed_lambda_kl_needs_no_theta_even_when_every_reward_is_zero():
     trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)
     metrics = learner.update(np.zeros(4), trajectory)  # a zero θ would be refused; fixed λ_KL never uses it
     assert learner.kl_threshold is None and metrics["lambda_kl"] == 1.0 and np.isnan(metrics["kl_threshold"])
+
+
+def test_operating_points_are_the_f1_best_thresholds_and_travel_with_the_supervised_state():
+    from radrl.data.observations import Label
+
+    policy = build_report_policy(config(), "cpu")
+    generator = policy.generator
+    logits = torch.zeros(6, 14)
+    logits[:, 10] = torch.tensor([3.0, 2.0, 1.0, -1.0, -2.0, -3.0])
+    labels = torch.full((6, 14), int(Label.NOT_MENTIONED))
+    # effusion present in the rows scored 3, 1 and −1; the row scored 2 is uncertain (left out)
+    labels[[0, 2, 3], 10] = int(Label.POSITIVE)
+    labels[1, 10] = int(Label.UNCERTAIN)
+    thresholds = generator.fit_operating_points(logits, labels)
+    # top 1: F1 = 2/(1+3) = 0.5; top 2 (3, 1): 2·2/(2+3) = 0.8; top 3 (3, 1, −1): 2·3/(3+3) = 1 → between −1 and −2
+    assert thresholds[10] == pytest.approx(-1.5)
+    assert thresholds[0] == 0  # no positive: p ≥ ½ stays the decision
+    state = policy.supervised_state()
+    assert state["decision_logits"][10] == pytest.approx(-1.5)
+    other = build_report_policy(config(), "cpu")
+    other.load_supervised_state({k: v.numpy() for k, v in state.items()})
+    assert torch.equal(other.generator.decision_logits, generator.decision_logits)
+    assert all(p is not generator.decision_logits for p in policy.supervised_parameters())
+    assert all(p.requires_grad for p in policy.supervised_parameters())

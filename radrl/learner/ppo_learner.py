@@ -64,7 +64,17 @@ class ReportLearner:
             for key, value in parts.items():
                 totals[key].append(value)
         self.policy.eval()
+        self.fit_operating_points(data)
         return {key: float(np.mean(values)) for key, values in totals.items()}
+
+    @torch.no_grad()
+    def fit_operating_points(self, data: ImageReportSet) -> np.ndarray:
+        """The disease head's decision thresholds from its logits on the training pairs (see
+        ReportGenerator.fit_operating_points); generation reads the head through them."""
+        generator, size = self.policy.generator, self.cfg.learner.supervised_batch_size
+        logits = torch.cat([generator.disease_logits(generator.visual_features(
+            torch.from_numpy(data.images[start:start + size]).to(self.device))) for start in range(0, len(data), size)])
+        return generator.fit_operating_points(logits, torch.from_numpy(data.labels)).numpy()
 
     @torch.no_grad()
     def validation_loss(self, data: ImageReportSet) -> dict[str, float]:

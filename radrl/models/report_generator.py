@@ -16,6 +16,8 @@
     VTrans (3 layers, width D) → projection to the decoder's width          [B, 1 + K, H]
     disease prompt (models.report_generator.disease_prompt): for each CheXpert observation c,
         p_c = σ(disease head) and the token p_c·e⁺_c + (1 − p_c)·e⁻_c             [B, 14, H]
+        teacher_forced: training puts the reference's labels in p_c, generation the head's decision at an
+        operating point per observation (the F1-best threshold on the training pairs)
     decoder input = [visual prompts, disease prompt, instruction, BOS] → report tokens
 
 The CLIP towers are frozen throughout. The supervised stage trains the region blocks, VTrans,
@@ -183,7 +185,8 @@ class ReportGenerator(nn.Module):
 
     def __init__(self, clip: ImageReportClip, decoder: DecoderLM, num_regions: int, region_blocks: int,
                  vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0,
-                 region_attention: str = "region_query", disease_prompt: str = "teacher_forced"):
+                 region_attention: str = "region_query", disease_prompt: str = "teacher_forced",
+                 disease_unmentioned: str = "negative"):
         super().__init__()
         self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention)
         width = self.extractor.width
@@ -199,14 +202,29 @@ class ReportGenerator(nn.Module):
         nn.init.zeros_(self.project[1].bias)
         self.disease_head = nn.Linear((1 + num_regions) * width, len(CHEXPERT_OBSERVATIONS))
         # disease prompt: per observation, a "present" and an "absent" token mixed by the head's probability
-        self.disease_prompt = disease_prompt
-        self.disease_tokens = nn.Parameter(torch.randn(2, len(CHEXPERT_OBSERVATIONS), hidden) * scale) \
-            if disease_prompt != "off" else None
+        self.disease_prompt, self.disease_unmentioned = disease_prompt, disease_unmentioned
         self.decoder = decoder.model
         self.tokenizer = decoder.tokenizer
+        self.disease_tokens = nn.Parameter(self._observation_word_embeddings()) if disease_prompt != "off" else None
+        # the head's operating point per observation, as a logit (present when logit ≥ it); 0 (p ≥ ½) until
+        # fit_operating_points sets it from the training pairs at the end of each supervised epoch
+        self.register_buffer("decision_logits", torch.zeros(len(CHEXPERT_OBSERVATIONS)))
         ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
         self.register_buffer("instruction_ids", torch.tensor(ids + [self.tokenizer.bos_token_id]), persistent=False)
         self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def _observation_word_embeddings(self) -> torch.Tensor:
+        """Start of the disease tokens [2, 14, H]: e⁺_c = the mean word embedding of the observation's name
+        ("pleural effusion"), e⁻_c = that of "no <name>". The decoder reads them as the words from the first step
+        (random tokens took epochs before the decoder wrote a rare finding such as an effusion when told to)."""
+        embed = self.decoder.get_input_embeddings()
+        rows = []
+        for phrase in ("{}", "no {}"):
+            texts = [phrase.format(name.lower()) for name in CHEXPERT_OBSERVATIONS]
+            ids = [torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            rows.append(torch.stack([embed(i.to(embed.weight.device)).mean(dim=0) for i in ids]))
+        return torch.stack(rows).detach().clone()
 
     # ------------------------------------------------------------------ features and prompts
 
@@ -226,18 +244,46 @@ class ReportGenerator(nn.Module):
 
         The disease prompt mixes each observation's two tokens by the head's probability (detached: L_disease
         alone trains the head). With `labels` (the reference's codes) and disease_prompt 'teacher_forced', the
-        reference's POSITIVE labels stand in for the probabilities: the supervised stage's teacher forcing.
+        reference's POSITIVE labels stand in for the probabilities: the supervised stage's teacher forcing; without
+        labels that mode gives the head's decision at its operating point (1 or 0), the tokens the decoder was taught.
         """
         parts = [self.project(features)]
         if self.disease_tokens is not None:
             if labels is not None and self.disease_prompt == "teacher_forced":
                 p = (labels == Label.POSITIVE).float().unsqueeze(-1)  # [B, 14, 1]
             else:
-                p = torch.sigmoid(self.disease_logits(features)).detach().unsqueeze(-1)
+                logits = self.disease_logits(features).detach()
+                if self.disease_prompt == "teacher_forced":  # the decoder learnt 0/1 tokens: give it the head's decision
+                    p = (logits >= self.decision_logits).float().unsqueeze(-1)
+                else:
+                    p = torch.sigmoid(logits).unsqueeze(-1)
             parts.append(p * self.disease_tokens[0] + (1 - p) * self.disease_tokens[1])
         instruction = self.decoder.get_input_embeddings()(self.instruction_ids)
         parts.append(instruction.unsqueeze(0).expand(len(features), -1, -1))
         return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def fit_operating_points(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Set each observation's decision threshold to the logit that maximises F1 of POSITIVE against the rest
+        on the given pairs (the training pairs' head logits [N, 14] and labels [N, 14]); uncertain labels are left
+        out. An observation without a positive keeps 0 (p ≥ ½). Rare findings are why: with 4.5 % effusions the
+        head's p stays below ½ on most true effusions, and its F1 at ½ swung between 0.6 and 0 from one epoch to
+        the next in the embedded world. Returns the thresholds [14]."""
+        thresholds = torch.zeros(logits.shape[1])
+        for c in range(logits.shape[1]):
+            known = labels[:, c] != Label.UNCERTAIN
+            scores, truth = logits[known, c].float().cpu(), (labels[known, c] == Label.POSITIVE).cpu()
+            if not truth.any():
+                continue
+            order = torch.argsort(scores, descending=True)
+            hits = truth[order].float().cumsum(0)  # predicting the top k as present: hits, k predicted
+            f1 = 2 * hits / (torch.arange(1, len(order) + 1) + truth.sum())
+            best = int(torch.argmax(f1))
+            # halfway to the next score down, so the chosen top k (and no more) clear the threshold
+            below = scores[order[best + 1]] if best + 1 < len(order) else scores[order[best]] - 1
+            thresholds[c] = (scores[order[best]] + below) / 2
+        self.decision_logits.copy_(thresholds.to(self.decision_logits.device))
+        return thresholds
 
     def disease_logits(self, features: torch.Tensor) -> torch.Tensor:
         """[B, 1 + K, D] → [B, 14] logits of the CheXpert observations."""
@@ -323,8 +369,11 @@ class ReportGenerator(nn.Module):
         tokens, mask = self.encode_reports(reports)
         log_probs = self.token_log_probs(self.prompt_embeddings(features, labels), tokens, mask)
         report_loss = -log_probs.sum() / mask.sum()
-        # labels: CheXpert codes; POSITIVE → 1, NEGATIVE → 0, UNCERTAIN / NOT_MENTIONED left out of L_disease
-        known = (labels == 0) | (labels == 1)
+        # labels: CheXpert codes; POSITIVE → 1, NEGATIVE → 0, UNCERTAIN left out of L_disease, NOT_MENTIONED → 0
+        # (disease_unmentioned 'negative', the default) or left out ('ignore')
+        known = (labels == Label.POSITIVE) | (labels == Label.NEGATIVE)
+        if self.disease_unmentioned == "negative":
+            known |= labels == Label.NOT_MENTIONED
         bce = F.binary_cross_entropy_with_logits(self.disease_logits(features), (labels == 1).float(), reduction="none")
         disease_loss = (bce * known).sum() / known.sum().clamp(min=1)
         loss = report_loss + disease_weight * disease_loss
@@ -348,12 +397,15 @@ class ReportPolicy(nn.Module):
                           target_modules=list(self.cfg.models.report_generator.decoder_lora_targets),
                           init_lora_weights=True)
 
-    def _supervised_named(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.generator.named_parameters() if p.requires_grad and not n.startswith("extractor.clip")}
+    def _supervised_named(self) -> dict[str, torch.Tensor]:
+        named = {n: p for n, p in self.generator.named_parameters()
+                 if p.requires_grad and not n.startswith("extractor.clip")}
+        named["decision_logits"] = self.generator.decision_logits  # set from the data, not by the optimizer
+        return named
 
     def supervised_parameters(self) -> list[nn.Parameter]:
         """What the supervised stage trains (frozen CLIP excluded)."""
-        return list(self._supervised_named().values())
+        return [p for p in self._supervised_named().values() if isinstance(p, nn.Parameter)]
 
     def supervised_state(self) -> dict[str, torch.Tensor]:
         """The tensors the supervised stage trained, by name (broadcast once when the stage ends)."""
@@ -403,5 +455,5 @@ def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
     rg = cfg.models.report_generator
     generator = ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
                                 rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
-                                rg.region_attention, rg.disease_prompt)
+                                rg.region_attention, rg.disease_prompt, rg.disease_unmentioned)
     return ReportPolicy(generator, cfg).to(device)

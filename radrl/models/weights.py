@@ -54,12 +54,12 @@ def save_state(model: nn.Module, path, half: bool = False) -> None:
 
 @torch.no_grad()
 def copy_named_tensors(module: nn.Module, state: dict, expected: set[str], mismatch: str) -> None:
-    """Copy named tensors (numpy or torch) into `module`'s parameters; the names must be exactly `expected`,
+    """Copy named tensors (numpy or torch) into `module`'s parameters (or buffers); the names must be exactly `expected`,
     else ValueError('<mismatch>: missing [...], unexpected [...]')."""
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"{mismatch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    own = dict(module.named_parameters())
+    own = {**dict(module.named_buffers()), **dict(module.named_parameters())}
     for name, value in state.items():
         # arrays from Ray's object store are read-only views: copy before wrapping
         own[name].copy_(torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value)
