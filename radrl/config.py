@@ -227,12 +227,22 @@ class LearnerConfig(Section):
     rrg_advantage: Literal["rloo", "group_mean"] = Field(
         "rloo", description="rrg: advantage = reward minus the mean of the image's other samples (rloo) or of all its "
                             "samples (group_mean); no std division")
+    rrg_token_norm: Literal["report_length", "constant"] = Field(
+        "report_length", description="rrg: divide each report's summed PPO and KL terms by its own token count "
+                                "(report_length, GRPO's mean: length-biased) or by max_new_tokens (constant, Dr. GRPO)")
     target_kl: float | None = Field(None, gt=0, description="rrg: stop an iteration's PPO epochs once a minibatch's "
                                                             "approximate KL to the sampling policy exceeds this")
     lambda_kl: float = Field(1.0, ge=0, description="rrg: the fixed lambda_KL when adaptive_kl is off")
+    kl_coef: float = Field(1.0, ge=0, description="rrg: β, the KL term's weight is β·λ_KL (adaptive or fixed); the "
+                                                  "paper's rule alone (β = 1) weighs the report's summed token KL "
+                                                  "as much as the whole reward")
     supervised_epochs: int = Field(3, ge=0, description="rrg: supervised stage before CQRL")
     supervised_lr: float = Field(1e-4, gt=0, description="rrg: AdamW learning rate of the supervised stage")
     supervised_batch_size: int = Field(32, ge=1, description="rrg: image–report pairs per supervised step")
+    repeat_factor_threshold: float | None = Field(
+        None, gt=0, le=1, description="rrg: repeat-factor sampling of the supervised epochs (LVIS): a pair whose "
+                                      "rarest positive finding is in a share f of training pairs appears "
+                                      "max(1, sqrt(t / f)) times per epoch in expectation; None = each pair once")
     supervised_checkpoint: Path | None = Field(
         None, description="rrg: skip the supervised stage and start CQRL from this finished supervised run "
                           "(its run folder or one checkpoint folder); e.g. several CQRL variants from one model")

@@ -49,3 +49,20 @@ def test_learner_uses_the_fixed_lambda_when_adaptive_kl_is_off():
     fixed = ReportLearner(load_config(None, ["task=rrg", "rollout.samples_per_report=2", "learner.adaptive_kl=false",
                                             "learner.lambda_kl=0.3"]))
     assert fixed.lambda_kl(rewards) == pytest.approx([0.3, 0.3])
+
+
+def test_token_norm_constant_removes_the_per_report_length_bias():
+    """Two on-policy reports with advantage −1, of 1 and 4 tokens. GRPO's per-report mean gives each of the long
+    report's tokens a quarter of the short one's gradient; a constant divisor (Dr. GRPO) gives every token the same."""
+    log_probs = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    advantages, zero_kl = torch.tensor([-1.0, -1.0]), torch.zeros(2)
+    per_report, _ = ppo_loss(log_probs, log_probs.detach(), log_probs.detach(), mask, advantages, zero_kl, 0.2)
+    (grad_mean,) = torch.autograd.grad(per_report, log_probs)
+    constant, _ = ppo_loss(log_probs, log_probs.detach(), log_probs.detach(), mask, advantages, zero_kl, 0.2,
+                           token_norm=8)
+    (grad_constant,) = torch.autograd.grad(constant, log_probs)
+    # ∂/∂log π of mean_b Σ_t (A_b ρ_t)/n_b with ρ = 1: A_b / (n_b · B)
+    assert grad_mean[0, 0] == pytest.approx(0.5) and grad_mean[1, 0] == pytest.approx(0.125)
+    assert grad_constant[0, 0] == pytest.approx(1 / 16) and grad_constant[1, 3] == pytest.approx(1 / 16)
+    assert grad_constant[0, 1] == 0.0  # padding gets none

@@ -112,12 +112,13 @@ def test_unmentioned_observations_train_the_disease_head_as_negatives_unless_ign
     labels[:, 8] = int(Label.POSITIVE)
     losses = {}
     for mode in ("negative", "ignore"):
-        generator = build_report_policy(config(**{"models.report_generator.disease_unmentioned": mode}), "cpu").generator
+        cfg = config(**{"models.report_generator.disease_unmentioned": mode})
+        generator = build_report_policy(cfg, "cpu").generator
         with torch.no_grad():
             generator.disease_head.weight.zero_()
             generator.disease_head.bias.fill_(2.0)  # every observation predicted present with p = σ(2)
         losses[mode] = generator.supervised_loss(images(), REPORTS, labels, 1.0)[1]["disease"]
-    bce_pos, bce_neg = float(torch.nn.functional.softplus(torch.tensor(-2.0))), float(torch.nn.functional.softplus(torch.tensor(2.0)))
+    bce_pos, bce_neg = np.log1p(np.exp(-2.0)), np.log1p(np.exp(2.0))  # BCE of logit 2 against 1 and against 0
     assert losses["ignore"] == pytest.approx(bce_pos, rel=1e-5)  # only the 4 positives count
     assert losses["negative"] == pytest.approx((bce_pos + 13 * bce_neg) / 14, rel=1e-5)
 
@@ -223,3 +224,20 @@ def test_operating_points_are_the_f1_best_thresholds_and_travel_with_the_supervi
     assert torch.equal(other.generator.decision_logits, generator.decision_logits)
     assert all(p is not generator.decision_logits for p in policy.supervised_parameters())
     assert all(p.requires_grad for p in policy.supervised_parameters())
+
+
+def test_repeat_factor_sampling_follows_lvis():
+    """LVIS (Gupta et al. 2019): r_c = max(1, sqrt(t / f_c)), a pair's factor the max over its findings."""
+    from radrl.data.observations import Label
+    from radrl.learner.ppo_learner import epoch_order, repeat_factors
+
+    labels = np.full((8, 14), int(Label.NOT_MENTIONED), dtype=np.int8)
+    labels[:, 0] = int(Label.POSITIVE)  # No Finding everywhere: never a reason to repeat
+    labels[0, 10] = int(Label.POSITIVE)  # effusion in 1 of 8 pairs: f = 0.125
+    labels[:4, 2] = int(Label.POSITIVE)  # cardiomegaly in 4 of 8: f = 0.5
+    factors = repeat_factors(labels, threshold=0.5)
+    assert factors[0] == pytest.approx(2.0)  # sqrt(0.5 / 0.125), beats cardiomegaly's max(1, 1)
+    assert factors[1:] == pytest.approx(np.ones(7))
+    order = epoch_order(labels, 0.5, seed=0)
+    assert sorted(order.tolist()) == [0, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert sorted(epoch_order(labels, None, seed=0).tolist()) == list(range(8))

@@ -46,17 +46,20 @@ def adaptive_lambda_kl(rewards: np.ndarray, theta: float) -> np.ndarray:
 
 
 def ppo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor, mask: torch.Tensor,
-             advantages: torch.Tensor, lambda_kl: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict]:
+             advantages: torch.Tensor, lambda_kl: torch.Tensor, clip_range: float,
+             token_norm: float | None = None) -> tuple[torch.Tensor, dict]:
     """PPO with a per-sequence advantage and a KL penalty to the reference; token tensors [B, T], A and λ [B].
 
     ρ_t = exp(log π_θ − log π_old)
-    policy term  = mean_b mean_t max(−A_b ρ_t, −A_b clip(ρ_t, 1 ± ε))
-    KL term      = mean_b λ_b mean_t k3_t,  k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1
+    policy term  = mean_b Σ_t max(−A_b ρ_t, −A_b clip(ρ_t, 1 ± ε)) / n_b
+    KL term      = mean_b λ_b Σ_t k3_t / n_b,  k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1
                    (an unbiased, non-negative estimate of KL(π_θ ‖ π_ref) on tokens sampled from π)
-    Every token of a report shares its report's advantage; means over a report's tokens keep
-    long reports from outweighing short ones.
+    Every token of a report shares its report's advantage. n_b is the report's own token count
+    (token_norm None: a mean per report, as GRPO) or one constant for all (token_norm = the longest
+    report allowed, as Dr. GRPO). The per-report mean is length-biased: a long report with a negative
+    advantage is pushed down less per token than a short one, so lengths and entropy drift up.
     """
-    tokens = mask.sum(dim=1).clamp(min=1)
+    tokens = mask.sum(dim=1).clamp(min=1) if token_norm is None else torch.full_like(mask[:, 0], float(token_norm))
     ratio = torch.exp(log_probs - old_log_probs)
     advantages = advantages.unsqueeze(1)
     surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from radrl.config import ExperimentConfig
+from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.data.pairs import ImageReportSet
 from radrl.learner.ddpo import check_update_batch
 from radrl.learner.ppo import adaptive_lambda_kl, group_advantages, ppo_loss
@@ -19,6 +20,27 @@ from radrl.models.diffusion_policy import PublishedWeights
 from radrl.models.report_generator import build_report_policy
 from radrl.rollout.report_worker import ReportTrajectory, concat_report_trajectories
 from radrl.rollout.worker import device_for
+
+
+def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
+    """LVIS's repeat factor per pair: max over its POSITIVE findings c (No Finding aside) of max(1, sqrt(t / f_c)),
+    f_c the share of pairs with c positive; 1 for a pair with none."""
+    positive = labels == Label.POSITIVE
+    positive[:, CHEXPERT_OBSERVATIONS.index("No Finding")] = False
+    share = positive.mean(axis=0)
+    per_class = np.maximum(1.0, np.sqrt(threshold / np.maximum(share, 1e-12)))
+    return np.where(positive, per_class, 1.0).max(axis=1)
+
+
+def epoch_order(labels: np.ndarray, threshold: float | None, seed) -> np.ndarray:
+    """One supervised epoch's pair indices, shuffled: each pair once, or with repeat-factor sampling floor(r) times
+    plus once more with probability r − floor(r)."""
+    rng = np.random.default_rng(seed)
+    if threshold is None:
+        return rng.permutation(len(labels))
+    factors = repeat_factors(labels, threshold)
+    counts = np.floor(factors).astype(int) + (rng.random(len(factors)) < factors - np.floor(factors))
+    return rng.permutation(np.repeat(np.arange(len(labels)), counts))
 
 
 class ReportLearner:
@@ -48,7 +70,7 @@ class ReportLearner:
         self.policy.train()
         generator = self.policy.generator
         size = self.cfg.learner.supervised_batch_size
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(data))
+        order = epoch_order(data.labels, self.cfg.learner.repeat_factor_threshold, [self.cfg.seed, epoch])
         totals: dict[str, list[float]] = {"loss": [], "report": [], "disease": [], "grad_norm": []}
         for start in range(0, len(order), size):
             batch = data.take(order[start:start + size])
@@ -72,9 +94,10 @@ class ReportLearner:
         """The disease head's decision thresholds from its logits on the training pairs (see
         ReportGenerator.fit_operating_points); generation reads the head through them."""
         generator, size = self.policy.generator, self.cfg.learner.supervised_batch_size
-        logits = torch.cat([generator.disease_logits(generator.visual_features(
-            torch.from_numpy(data.images[start:start + size]).to(self.device))) for start in range(0, len(data), size)])
-        return generator.fit_operating_points(logits, torch.from_numpy(data.labels)).numpy()
+        batches = [data.take(np.arange(start, min(start + size, len(data)))) for start in range(0, len(data), size)]
+        features = (generator.visual_features(torch.from_numpy(b.images).to(self.device)) for b in batches)
+        logits = torch.cat([generator.disease_logits(f) for f in features])
+        return generator.fit_operating_points(logits, torch.from_numpy(np.array(data.labels))).numpy()
 
     @torch.no_grad()
     def validation_loss(self, data: ImageReportSet) -> dict[str, float]:
@@ -189,7 +212,9 @@ class ReportLearner:
         tokens, mask = batch.tokens.to(self.device), batch.mask.to(self.device)
         old, ref = batch.log_probs.to(self.device), batch.ref_log_probs.to(self.device)
         prompts = generator.frozen_prompts(batch.images.to(self.device))  # the extractor is frozen: constants
-        weights = torch.as_tensor(lambda_kl, dtype=torch.float32, device=self.device)
+        weights = torch.as_tensor(learner.kl_coef * lambda_kl, dtype=torch.float32, device=self.device)
+        token_norm = None if learner.rrg_token_norm == "report_length" else \
+            self.cfg.models.report_generator.max_new_tokens
         stats: dict[str, list[float]] = {}
         steps, planned, stopped = 0, learner.inner_epochs * -(-len(rewards) // learner.batch_size), False
         for _ in range(learner.inner_epochs):
@@ -199,7 +224,7 @@ class ReportLearner:
                 log_probs, entropy = generator.token_log_probs(prompts[index], tokens[index], mask[index],
                                                                with_entropy=True)
                 loss, info = ppo_loss(log_probs, old[index], ref[index], mask[index], advantages[index],
-                                      weights[index], learner.clip_range)
+                                      weights[index], learner.clip_range, token_norm)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 info["grad_norm"] = self._clip_and_step(self.policy.rl_parameters(), "PPO")
