@@ -111,7 +111,8 @@ class ReportGeneratorConfig(Section):
     disease_prompt: Literal["off", "predicted", "teacher_forced"] = Field(
         "teacher_forced", description="one decoder prompt token per CheXpert observation, mixed by the disease head's "
                                       "probability; teacher_forced: the supervised stage uses the reference report's "
-                                      "labels instead, and generation the head's 0/1 decision (p ≥ 0.5)")
+                                      "labels instead, and generation the head's 0/1 decision at per-observation "
+                                      "operating points fit on the training pairs")
     instruction: str = "Write the findings and impression of this chest radiograph."
     max_new_tokens: int = Field(96, ge=2, description="longest generated report, in tokens")
     supervised_decoder: Literal["lora", "full"] = Field(

@@ -57,7 +57,7 @@ def ppo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs
     Every token of a report shares its report's advantage. n_b is the report's own token count
     (token_norm None: a mean per report, as GRPO) or one constant for all (token_norm = the longest
     report allowed, as Dr. GRPO). The per-report mean is length-biased: a long report with a negative
-    advantage is pushed down less per token than a short one, so lengths and entropy drift up.
+    advantage is pushed down less per token than a short one, which can let reports grow.
     """
     tokens = mask.sum(dim=1).clamp(min=1) if token_norm is None else torch.full_like(mask[:, 0], float(token_norm))
     ratio = torch.exp(log_probs - old_log_probs)

@@ -89,13 +89,18 @@ class ReportLearner:
         self.fit_operating_points(data)
         return {key: float(np.mean(values)) for key, values in totals.items()}
 
+    def _batches(self, data: ImageReportSet):
+        """The pairs in order, in supervised-batch-size chunks (copies: object-store arrays are read-only)."""
+        size = self.cfg.learner.supervised_batch_size
+        for start in range(0, len(data), size):
+            yield data.take(np.arange(start, min(start + size, len(data))))
+
     @torch.no_grad()
     def fit_operating_points(self, data: ImageReportSet) -> np.ndarray:
         """The disease head's decision thresholds from its logits on the training pairs (see
         ReportGenerator.fit_operating_points); generation reads the head through them."""
-        generator, size = self.policy.generator, self.cfg.learner.supervised_batch_size
-        batches = [data.take(np.arange(start, min(start + size, len(data)))) for start in range(0, len(data), size)]
-        features = (generator.visual_features(torch.from_numpy(b.images).to(self.device)) for b in batches)
+        generator = self.policy.generator
+        features = (generator.visual_features(torch.from_numpy(b.images).to(self.device)) for b in self._batches(data))
         logits = torch.cat([generator.disease_logits(f) for f in features])
         return generator.fit_operating_points(logits, torch.from_numpy(np.array(data.labels))).numpy()
 
@@ -106,10 +111,9 @@ class ReportLearner:
         reliance_gap = mean over reports of [NLL(report | another report's image) − NLL(report | its image)],
         the other image fixed by a seeded derangement; > 0 means the decoder reads the image. With its s.e.
         """
-        generator, size = self.policy.generator, self.cfg.learner.supervised_batch_size
+        generator = self.policy.generator
         sums, count = {"report": 0.0, "disease": 0.0}, 0
-        for start in range(0, len(data), size):
-            batch = data.take(np.arange(start, min(start + size, len(data))))
+        for batch in self._batches(data):
             _, parts = generator.supervised_loss(torch.from_numpy(batch.images).to(self.device), list(batch.reports),
                                                  torch.from_numpy(batch.labels).to(self.device), 1.0)
             for key in sums:

@@ -224,7 +224,7 @@ class ReportGenerator(nn.Module):
             texts = [phrase.format(name.lower()) for name in CHEXPERT_OBSERVATIONS]
             ids = [torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             rows.append(torch.stack([embed(i.to(embed.weight.device)).mean(dim=0) for i in ids]))
-        return torch.stack(rows).detach().clone()
+        return torch.stack(rows)
 
     # ------------------------------------------------------------------ features and prompts
 
@@ -253,7 +253,7 @@ class ReportGenerator(nn.Module):
                 p = (labels == Label.POSITIVE).float().unsqueeze(-1)  # [B, 14, 1]
             else:
                 logits = self.disease_logits(features).detach()
-                if self.disease_prompt == "teacher_forced":  # the decoder learnt 0/1 tokens: give it the head's decision
+                if self.disease_prompt == "teacher_forced":  # the decoder learnt 0/1 tokens: the decision
                     p = (logits >= self.decision_logits).float().unsqueeze(-1)
                 else:
                     p = torch.sigmoid(logits).unsqueeze(-1)
@@ -374,7 +374,8 @@ class ReportGenerator(nn.Module):
         known = (labels == Label.POSITIVE) | (labels == Label.NEGATIVE)
         if self.disease_unmentioned == "negative":
             known |= labels == Label.NOT_MENTIONED
-        bce = F.binary_cross_entropy_with_logits(self.disease_logits(features), (labels == 1).float(), reduction="none")
+        bce = F.binary_cross_entropy_with_logits(self.disease_logits(features), (labels == Label.POSITIVE).float(),
+                                                 reduction="none")
         disease_loss = (bce * known).sum() / known.sum().clamp(min=1)
         loss = report_loss + disease_weight * disease_loss
         return loss, {"report": float(report_loss.detach()), "disease": float(disease_loss.detach())}
