@@ -37,6 +37,8 @@ from radrl.models.classifier import (
     chexpert_names,
     load_tiny_classifier,
     save_classifier,
+    save_operating_points,
+    youden_operating_points,
     tiny_classifier,
 )
 from radrl.models.clip import (
@@ -289,7 +291,7 @@ def diffusion_quality(models, classifier, posture, pairs: list[EmbeddedPair], re
     truth = target_matrix([p.phantom for p in pairs], names)
     result = {"samples": len(pairs), "ddim_steps": plan.sample_steps, "guidance": QUALITY_GUIDANCE}
     for label, images in (("generated", generated), ("real_phantoms", real_images)):
-        probs = torch.sigmoid(classifier(images))
+        probs = classifier.probabilities(images)
         aurocs = [float(binary_auroc(probs[:, c], truth[:, c].long())) for c in range(len(names))
                   if 0 < truth[:, c].sum() < len(truth)]
         result[label] = {
@@ -317,6 +319,7 @@ def run_bootstrap(out_dir: Path = EMBEDDED_DIR, plan: BootstrapPlan = BootstrapP
     _log(f"rendered {len(images)} random phantoms for the reward models", start)
     classifier = train_classifier(images, target_matrix(specs, chexpert_names(PAPER_CLASSES)), plan, start, seed + 1)
     save_classifier(classifier, staging / "classifier.safetensors")
+    fit_classifier_operating_points(staging, plan, seed)
     save_state(train_posture(images, plan, start, seed + 2), staging / "posture.safetensors", half=True)
 
     train_pairs = embedded_pairs("train", plan.postures_per_report, reports=train_reports)
@@ -335,6 +338,25 @@ def run_bootstrap(out_dir: Path = EMBEDDED_DIR, plan: BootstrapPlan = BootstrapP
     staging.rename(out_dir)  # replace the old models only once every new one is written
     _log(f"wrote {out_dir}", start)
     return quality
+
+
+def validation_specs(plan: BootstrapPlan, seed: int):
+    """The random phantoms the classifier's operating points are chosen on (seeds disjoint from its training
+    phantoms and from the held-out ones its quality is measured on)."""
+    return random_specs(plan.reward_test_images, seed=seed + 2001)
+
+
+@torch.no_grad()
+def fit_classifier_operating_points(folder: Path, plan: BootstrapPlan = BootstrapPlan(), seed: int = 0) -> Path:
+    """Choose the tiny classifier's operating points as torchxrayvision does (Youden's J of the sigmoid on
+    validation data) and write them beside its weights (`classifier_op_threshs.json`)."""
+    weights = folder / "classifier.safetensors"
+    classifier = load_tiny_classifier(weights)
+    specs = validation_specs(plan, seed)
+    images = torch.from_numpy(render_specs(specs, IMAGE_SIZE))
+    probabilities = torch.cat([torch.sigmoid(classifier(images[i:i + 256])) for i in range(0, len(images), 256)])
+    targets = target_matrix(specs, classifier.chexpert_names())
+    return save_operating_points(classifier, youden_operating_points(probabilities.numpy(), targets.numpy()), weights)
 
 
 def held_out_specs(plan: BootstrapPlan, seed: int):

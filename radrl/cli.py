@@ -22,12 +22,23 @@ def bootstrap(
     out: Annotated[Path | None, typer.Option(help="where to write the models (default: inside the package)")] = None,
     quick: Annotated[bool, typer.Option(help="a tiny smoke-test plan (seconds, useless models)")] = False,
     seed: int = 0,
+    operating_points: Annotated[bool, typer.Option(
+        help="only refit the classifier's operating points (Youden's J on validation phantoms) and remeasure the "
+             "quality report of the models already in OUT")] = False,
 ) -> None:
     """Train every tiny model on the embedded world and write them with a quality report (~25 min on 2 cores)."""
-    from radrl.bootstrap import BootstrapPlan, run_bootstrap
+    from radrl.bootstrap import BootstrapPlan, fit_classifier_operating_points, measure_quality, run_bootstrap
     from radrl.models.weights import EMBEDDED_DIR
 
-    quality = run_bootstrap(out or EMBEDDED_DIR, BootstrapPlan.quick() if quick else BootstrapPlan(), seed)
+    plan = BootstrapPlan.quick() if quick else BootstrapPlan()
+    if operating_points:
+        folder = out or EMBEDDED_DIR
+        typer.echo(f"wrote {fit_classifier_operating_points(folder, plan, seed)}")
+        quality = json.loads((folder / "quality.json").read_text())
+        quality |= measure_quality(folder, plan, seed)  # keeps the training time of the models
+        (folder / "quality.json").write_text(json.dumps(quality, indent=2))
+    else:
+        quality = run_bootstrap(out or EMBEDDED_DIR, plan, seed)
     typer.echo(format_quality(quality))
 
 

@@ -45,8 +45,8 @@ def test_shipped_models_are_small_and_useful():
 def test_quick_bootstrap_writes_every_model(tmp_path):
     quality = run_bootstrap(tmp_path / "tiny", BootstrapPlan.quick())
     written = {p.name for p in (tmp_path / "tiny").iterdir()}
-    assert written == {"tokenizer", "classifier.safetensors", "posture.safetensors", "clip", "decoder", "diffusion",
-                       "quality.json", "samples.png"}
+    assert written == {"tokenizer", "classifier.safetensors", "classifier_op_threshs.json", "posture.safetensors",
+                       "clip", "decoder", "diffusion", "quality.json", "samples.png"}
     assert not (tmp_path / "tiny.partial").exists()
     assert json.loads((tmp_path / "tiny" / "quality.json").read_text()) == quality
     assert set(quality) >= {"classifier_auroc", "posture", "clip_retrieval", "decoder_perplexity", "diffusion"}

@@ -54,17 +54,98 @@ def test_diagnostic_accuracy_by_hand():
     assert np.allclose(diagnostic_accuracy(probabilities, targets), [2 / 3, 0.0])
 
 
-def test_diagnosis_reward_prefers_the_image_that_shows_the_reported_findings():
+def test_diagnosis_reward_prefers_the_images_that_show_the_reported_findings():
+    """16 phantom seeds, each with and without the report's two findings. At the shipped operating points
+    (Youden's J) the classifier decides the two reported classes right on nearly every image, and the images
+    that show them score higher on average (single images can lose: the other 9 classes' false positives count)."""
     reward = DiagnosisReward(ModelsConfig())
     assert len(reward.class_names) == 11
     report = "Marked cardiomegaly. Large right pleural effusion."
     upright = Posture(1.0, 1.0, 0.0, 0.0, 0.0)
-    sick = render_phantom(frozenset({"Cardiomegaly", "Pleural Effusion"}), upright, size=32, seed=5)
-    healthy = render_phantom(frozenset(), upright, size=32, seed=5)
-    images = torch.from_numpy(np.stack([sick, healthy]))[:, None].float()
-    scores, info = reward(images, [report, report])
-    assert scores[0] > scores[1]
-    assert info["scored_classes"].tolist() == [11, 11]
+    reported = [reward.class_names.index("Cardiomegaly"), reward.class_names.index("Pleural Effusion")]
+    sick_scores, healthy_scores, right = [], [], 0
+    for seed in range(16):
+        sick = render_phantom(frozenset({"Cardiomegaly", "Pleural Effusion"}), upright, size=32, seed=seed)
+        healthy = render_phantom(frozenset(), upright, size=32, seed=seed)
+        images = torch.from_numpy(np.stack([sick, healthy]))[:, None].float()
+        scores, info = reward(images, [report, report])
+        assert info["scored_classes"].tolist() == [11, 11]
+        sick_scores.append(scores[0])
+        healthy_scores.append(scores[1])
+        decided = info["probabilities"][:, reported] >= 0.5
+        right += int(decided[0].sum()) + int((~decided[1]).sum())
+    assert right >= 0.9 * 64
+    assert np.mean(sick_scores) > np.mean(healthy_scores) + 0.05
+
+
+def _xrv_all_op_threshs():
+    import torchxrayvision as xrv
+
+    return torch.tensor(xrv.models.model_urls["densenet121-res224-all"]["op_threshs"], dtype=torch.float32)
+
+
+def test_calibrated_probabilities_are_torchxrayvisions_own_forward_at_real_size():
+    """A DenseNet-121 of real shape (random weights) with densenet121-res224-all's operating points: our
+    probabilities equal xrv's forward, which applies sigmoid and op_norm itself."""
+    import torchxrayvision as xrv
+
+    from radrl.models.classifier import DENSENET121, DiagnosticClassifier
+
+    torch.manual_seed(0)
+    densenet = xrv.models.DenseNet(**DENSENET121).eval()
+    classifier = DiagnosticClassifier(densenet, tuple(xrv.datasets.default_pathologies), 224, _xrv_all_op_threshs())
+    images = torch.rand(2, 1, 224, 224)
+    with torch.no_grad():
+        ours = classifier.probabilities(images)
+        densenet.op_threshs = _xrv_all_op_threshs()  # xrv's own path: forward → sigmoid → op_norm
+        reference = densenet(images * 2048 - 1024)
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_r_diag_decides_at_the_classifiers_operating_points(tmp_path):
+    """p = 0.1 for every class: above densenet121-res224-all's operating point for 9 of the paper's 11 classes
+    (Effusion's is 0.103, Lung Opacity's 0.202). A normal report (every class absent) is then right on 2 of 11
+    classes; at a plain 0.5 it would be right on all 11, rewarding images with no findings."""
+    import torchxrayvision as xrv
+
+    from radrl.config import ClassifierConfig
+    from radrl.models.classifier import DENSENET121, DiagnosticClassifier, save_operating_points
+    from radrl.models.weights import save_state
+
+    densenet = xrv.models.DenseNet(**DENSENET121)
+    with torch.no_grad():
+        densenet.classifier.weight.zero_()
+        densenet.classifier.bias.fill_(math.log(0.1 / 0.9))
+    path = tmp_path / "densenet121.safetensors"
+    save_state(densenet, path)
+    save_operating_points(DiagnosticClassifier(densenet, tuple(xrv.datasets.default_pathologies), 224),
+                          _xrv_all_op_threshs().numpy(), path)
+    reward = DiagnosisReward(ModelsConfig(classifier=ClassifierConfig(weights=str(path), arch="densenet121")))
+    assert len(reward.class_names) == 11
+    scores, _ = reward(torch.rand(1, 1, 64, 64), ["No acute cardiopulmonary abnormality."])
+    assert scores[0] == pytest.approx(2 / 11)
+    (tmp_path / "densenet121_op_threshs.json").unlink()  # without operating points: a plain 0.5, with a warning
+    with pytest.warns(UserWarning, match="no operating points"):
+        uncalibrated = DiagnosisReward(ModelsConfig(classifier=ClassifierConfig(weights=str(path), arch="densenet121")))
+    assert uncalibrated(torch.rand(1, 1, 64, 64), ["No acute cardiopulmonary abnormality."])[0][0] == 1.0
+
+
+def test_youden_operating_point_by_hand():
+    from radrl.models.classifier import youden_operating_points
+
+    scores = np.array([[0.9], [0.8], [0.7], [0.6], [0.2]])
+    truth = np.array([[1], [1], [0], [1], [0]])
+    # TPR − FPR predicting ≥ t present: 0.9: 1/3 − 0; 0.8: 2/3 − 0; 0.7: 2/3 − 1/2; 0.6: 1 − 1/2; 0.2: 1 − 1
+    assert youden_operating_points(scores, truth)[0] == 0.8
+    assert np.isnan(youden_operating_points(scores, np.zeros((5, 1)))[0])  # one outcome only: no operating point
+
+
+def test_shipped_tiny_classifier_has_an_operating_point_for_every_class():
+    from radrl.models.classifier import load_tiny_classifier
+    from radrl.models.weights import embedded_path
+
+    classifier = load_tiny_classifier(embedded_path("classifier.safetensors"))
+    assert classifier.op_threshs is not None and classifier.calibrated_targets() == classifier.targets
 
 
 def test_consistency_reward_is_the_cosine_of_the_clip_embeddings():

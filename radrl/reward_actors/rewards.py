@@ -65,6 +65,9 @@ def report_targets(reports: list[str], class_names: tuple[str, ...]) -> np.ndarr
 def diagnostic_accuracy(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """accuracy(G(x)): share of scored classes where (p ≥ 0.5) equals the report's target, [B, C] → [B].
 
+    p is the classifier's calibrated output (DiagnosticClassifier.probabilities), whose 0.5 is each
+    class's operating point.
+
     Classes with a NaN target are left out; an image with no scored class gets accuracy 0 (it
     cannot happen with the paper's 11 classes unless all 11 are uncertain).
     """
@@ -77,8 +80,8 @@ def diagnostic_accuracy(probabilities: np.ndarray, targets: np.ndarray) -> np.nd
 class DiagnosisReward:
     """Diagnostic accuracy of the frozen torchxrayvision classifier G against the report's labels.
 
-    Scores the paper's 11 classes where the classifier has them (all 11 for the tiny and the
-    densenet121-res224-all models).
+    Scores the paper's 11 classes where the classifier has them and an operating point for them
+    (all 11 for the tiny and the densenet121-res224-all models), deciding at each operating point.
     """
 
     name = "diag"
@@ -87,16 +90,18 @@ class DiagnosisReward:
         self.model = build_classifier(models.classifier).to(device).eval()
         self.device = device
         names = self.model.chexpert_names()
-        self.columns = [i for i, target in enumerate(self.model.targets) if target in PAPER_CLASSES]
+        calibrated = self.model.calibrated_targets()
+        self.columns = [i for i, target in enumerate(self.model.targets)
+                        if target in PAPER_CLASSES and target in calibrated]
         self.class_names = tuple(names[i] for i in self.columns)
         if not self.columns:
             raise ValueError(f"models.classifier: none of its targets {self.model.targets} is one of CXRL's classes "
-                             f"{PAPER_CLASSES}; use a torchxrayvision model trained on those")
+                             f"{PAPER_CLASSES} with an operating point; use a torchxrayvision model trained on those")
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, reports: list[str], metadata: dict | None = None):
         _check_images(images, reports, self.name)
-        probabilities = torch.sigmoid(self.model(images.to(self.device))).cpu().numpy()[:, self.columns]
+        probabilities = self.model.probabilities(images.to(self.device)).cpu().numpy()[:, self.columns]
         targets = report_targets(reports, self.class_names)
         scores = diagnostic_accuracy(probabilities, targets)
         return scores, {"probabilities": probabilities, "scored_classes": (~np.isnan(targets)).sum(axis=1)}
