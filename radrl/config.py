@@ -144,9 +144,14 @@ class Resources(Section):
 
 
 class RolloutConfig(Section):
-    num_workers: int = Field(1, ge=1, description="rollout worker actors")
-    batch_size: int = Field(8, ge=1, description="reports per worker per sampling call")
-    batches_per_iteration: int = Field(1, ge=1, description="sampling calls per worker per iteration")
+    num_workers: int = Field(1, ge=1, description="rollout worker actors: a speed knob only; what an iteration "
+                                                 "samples and trains does not depend on it")
+    per_iteration: int | None = Field(
+        None, ge=1, description="trajectories sampled per iteration (CXRL: images, LM-RRG: sampled reports), for "
+                                "any num_workers; None = batch_size")
+    batch_size: int = Field(8, ge=1, description="the most trajectories one sampling call makes (memory); an "
+                                                 "iteration is cut into calls of at most this many, at least one "
+                                                 "per worker, whole report groups each")
     samples_per_report: int = Field(
         1, ge=1, description="images per report in an iteration (a group: per-report advantages compare them)"
     )
@@ -166,6 +171,11 @@ class RolloutConfig(Section):
     precompute_anchor: bool = Field(False, description="score the anchor on every training (report, seed) pair before "
                                                        "training (for a small data.n_train); needs anchor_cache")
     resources: Resources = Resources()
+
+    @property
+    def trajectories_per_iteration(self) -> int:
+        """What one iteration samples and trains on, whatever the number of workers."""
+        return self.batch_size if self.per_iteration is None else self.per_iteration
 
 
 # ------------------------------------------------------------------------- rewards
@@ -294,18 +304,18 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
-        per_iteration = self.rollout.num_workers * self.rollout.batch_size * self.rollout.batches_per_iteration
+        per_iteration = self.rollout.trajectories_per_iteration
         if per_iteration % self.learner.batch_size:
             raise ValueError(
                 f"learner.batch_size = {self.learner.batch_size} does not divide the {per_iteration} trajectories "
-                f"sampled per iteration (rollout.num_workers × rollout.batch_size × rollout.batches_per_iteration); "
-                "pick a divisor"
+                f"sampled per iteration (rollout.per_iteration, or rollout.batch_size if unset); pick a divisor"
             )
-        if self.rollout.batch_size % self.rollout.samples_per_report:
-            raise ValueError(
-                f"rollout.samples_per_report = {self.rollout.samples_per_report} must divide rollout.batch_size = "
-                f"{self.rollout.batch_size}, so that each report's group is sampled in one batch"
-            )
+        for key in ("batch_size", "per_iteration"):
+            if getattr(self.rollout, key) is not None and getattr(self.rollout, key) % self.rollout.samples_per_report:
+                raise ValueError(
+                    f"rollout.samples_per_report = {self.rollout.samples_per_report} must divide rollout.{key} = "
+                    f"{getattr(self.rollout, key)}, so that each report's group is sampled in one call"
+                )
         rollout = self.rollout
         if rollout.anchor_cache and not (rollout.noise_seeds_per_report and self.rewards.rlcf):
             raise ValueError("rollout.anchor_cache needs rollout.noise_seeds_per_report > 0 (recurring (report, seed) "

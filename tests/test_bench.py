@@ -51,7 +51,7 @@ def test_gpu_settings_fit_two_workers_learner_and_rewards_on_one_device(tmp_path
     cfg = load_config(None, ["rollout.batch_size=8"])
     one, two = (setting_config(cfg, name, tmp_path) for name in GPU_SETTINGS)
     assert one.rollout.num_workers == 1 and one.rollout.batch_size == 8
-    assert two.rollout.num_workers == 2 and two.rollout.batch_size == 4  # same images per iteration
+    assert two.rollout.num_workers == 2 and two.rollout.trajectories_per_iteration == 8  # same images per iteration
     share = (two.rollout.num_workers * two.rollout.resources.num_gpus + two.learner.resources.num_gpus
              + 3 * two.rewards.replicas * two.rewards.resources.num_gpus)
     assert 0 < share <= 1.0

@@ -40,7 +40,8 @@ def test_no_shipped_config_falls_back_to_batch_normalised_advantages(path):
 
 def test_paper_config_matches_the_paper():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "cxrl_roentgen_mimic.yaml")
-    assert cfg.rollout.num_workers * cfg.rollout.batch_size == 81
+    assert cfg.rollout.trajectories_per_iteration == 81  # the paper's images per iteration, for any num_workers
+    assert cfg.rollout.trajectories_per_iteration // cfg.learner.batch_size == 3  # and its 3 minibatches
     assert cfg.learner.lr == 3e-4
     assert (cfg.rewards.lambda_align, cfg.rewards.lambda_diag, cfg.rewards.lambda_consist) == (1, 10, 10)
     assert cfg.learner.ace_tokens == 3 and cfg.data.max_tokens == 74

@@ -8,7 +8,8 @@ import pytest
 from radrl.config import load_config
 from radrl.orchestration.actors import start_roles
 from radrl.orchestration.checkpoints import latest_checkpoint
-from radrl.orchestration.driver import CXRLTrainer, RunFailed, StaleRolloutError, check_resumable, check_staleness
+from radrl.orchestration.driver import (CXRLTrainer, RunFailed, StaleRolloutError, check_resumable, check_staleness,
+                                       sampling_calls)
 
 
 def small_config(run_dir, **overrides):
@@ -84,6 +85,40 @@ def test_resume_refuses_a_config_that_changes_what_is_trained(tmp_path):
         train(small_config(tmp_path / "elsewhere"), resume=True)
 
 
+def test_sampling_calls_split_one_iteration_over_the_workers():
+    assert sampling_calls(81, 27, 3) == [(0, 27), (27, 54), (54, 81)]  # the real config: one call per GPU
+    assert sampling_calls(81, 27, 1) == [(0, 27), (27, 54), (54, 81)]  # one worker makes the same calls in turn
+    assert sampling_calls(16, 16, 1, group=4) == [(0, 16)]
+    assert sampling_calls(16, 16, 2, group=4) == [(0, 8), (8, 16)]
+    assert sampling_calls(16, 16, 3, group=4) == [(0, 4), (4, 8), (8, 16)]  # uneven: whole groups of 4 samples
+    assert sampling_calls(8, 16, 4, group=4) == [(0, 4), (4, 8)]  # 2 groups: 2 of the 4 workers have work
+
+
+def test_worker_count_changes_the_calls_not_what_an_iteration_trains(tmp_path):
+    """1 or 3 rollout workers: the same 8 images of the same reports per iteration, and the same 2 optimizer
+    steps (learner.batch_size 4, one inner epoch); only the sampling calls are split differently."""
+    seen = {}
+    for workers in (1, 3):
+        cfg = small_config(tmp_path / str(workers), **{
+            "rollout.num_workers": workers, "rollout.per_iteration": 8, "rollout.batch_size": 8,
+            "rollout.samples_per_report": 2, "learner.iterations": 1, "learner.inner_epochs": 1})
+        roles = start_roles(cfg)
+        try:
+            trainer = CXRLTrainer(cfg, roles)
+            batch = trainer.submit_batch(0)
+            trainer.next_batch = batch  # train_step uses it
+            scalars = trainer.train_step()
+        finally:
+            roles.cluster.shutdown()
+        seen[workers] = (batch.reports, len(batch.trajectories), scalars["ddpo/trajectories"],
+                         scalars["ddpo/optimizer_steps"])
+    reports_1, calls_1, *accounting_1 = seen[1]
+    reports_3, calls_3, *accounting_3 = seen[3]
+    assert (calls_1, calls_3) == (1, 3)
+    assert reports_1 == reports_3 and len(reports_1) == 8
+    assert accounting_1 == accounting_3 == [8, 2]
+
+
 def test_check_staleness():
     check_staleness([3, 3], learner_version=3, max_staleness=0)
     check_staleness([2], learner_version=3, max_staleness=1)
@@ -102,7 +137,7 @@ def test_check_resumable_allows_scale_changes_only():
 def test_two_iterations_on_local_ray_with_two_rollout_workers(tmp_path):
     ray = pytest.importorskip("ray")
     cfg = small_config(tmp_path, **{"orchestration.local": False, "rollout.num_workers": 2, "rollout.batch_size": 2,
-                                    "logging.eval_reports": 4, "learner.iterations": 2})
+                                    "rollout.per_iteration": 4, "logging.eval_reports": 4, "learner.iterations": 2})
     roles = start_roles(cfg)
     try:
         assert {ray.get_actor(f"radrl-rollout-{i}") for i in range(2)} and ray.get_actor("radrl-learner")

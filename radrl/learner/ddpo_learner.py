@@ -93,7 +93,8 @@ class DDPOLearner:
                 stats["grad_norm"].append(float(grad_norm))
         self.version += 1
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
-        metrics.update(advantage_abs=float(advantages.abs().mean()), weight_version=self.version)
+        metrics.update(advantage_abs=float(advantages.abs().mean()), weight_version=self.version,
+                       optimizer_steps=len(stats["grad_norm"]), trajectories=len(batch.reports))
         return metrics
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -247,7 +247,8 @@ class ReportLearner:
         metrics.update(lambda_kl=float(lambda_kl.mean()), lambda_kl_below_one=float((lambda_kl < 1).mean()),
                        kl_threshold=float(self.kl_threshold) if learner.adaptive_kl else float("nan"),
                        advantage_abs=float(advantages.abs().mean()), zero_variance_groups=zero_variance,
-                       steps_done=steps / planned, weight_version=self.version)
+                       steps_done=steps / planned, optimizer_steps=steps, trajectories=len(rewards),
+                       weight_version=self.version)
         return metrics
 
     def _clip_and_step(self, parameters, what: str) -> float:

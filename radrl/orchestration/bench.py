@@ -61,12 +61,10 @@ DRIVER_STAGES = ("sample", "score", "update", "broadcast", "logging")
 
 
 def setting_config(base: ExperimentConfig, setting: str, run_dir: Path) -> ExperimentConfig:
-    """The base config under one setting; two workers take half the batch each, so an iteration's work is equal."""
+    """The base config under one setting (two workers split the same iteration: rollout.num_workers changes the
+    calls, not what is sampled)."""
     chosen = {**SETTINGS, **GPU_SETTINGS}[setting]
-    overrides = [*chosen, f"logging.run_dir={run_dir / setting}", "orchestration.dashboard=false"]
-    if "rollout.num_workers=2" in chosen:
-        overrides.append(f"rollout.batch_size={base.rollout.batch_size // 2}")
-    return with_overrides(base, overrides)
+    return with_overrides(base, [*chosen, f"logging.run_dir={run_dir / setting}", "orchestration.dashboard=false"])
 
 
 def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:

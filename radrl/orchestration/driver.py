@@ -108,6 +108,20 @@ def evaluation_summary(scores: Scores, cfg: ExperimentConfig) -> dict[str, dict[
     return summary
 
 
+def sampling_calls(total: int, batch_size: int, workers: int, group: int = 1) -> list[tuple[int, int]]:
+    """The row ranges [start, end) of one iteration's sampling calls, call k going to worker k mod workers.
+
+    Whole groups (a report's samples) per call, at most batch_size rows each, and as many calls as workers where
+    there are enough groups, near-equal in size (uneven where they must be: 4 reports × 4 samples on 3 workers
+    are calls of 4, 4 and 8 rows).
+    The rows, and so what the learner trains on, are the same for any number of workers; only the calls differ.
+    """
+    groups = total // group
+    calls = max(-(-total // batch_size), min(workers, groups))
+    bounds = [(k * groups) // calls for k in range(calls + 1)]
+    return [(bounds[k] * group, bounds[k + 1] * group) for k in range(calls)]
+
+
 class CXRLTrainer:
     """Owns the loop and the run folder; the roles own the models."""
 
@@ -118,7 +132,7 @@ class CXRLTrainer:
         self.train_pool = report_pool(cfg.data, "train")
         self.eval_reports = report_pool(cfg.data, "test")[:cfg.logging.eval_reports]
         rollout = cfg.rollout
-        self.per_iteration = rollout.num_workers * rollout.batches_per_iteration * rollout.batch_size
+        self.per_iteration = rollout.trajectories_per_iteration
         self.iteration, self.last_checkpoint, self.start_evaluation = 0, 0, None
         self.anchor_cache = AnchorCache() if cfg.rollout.anchor_cache else None
         self.next_batch: SampledBatch | None = None  # orchestration.overlap: the next iteration's, in flight
@@ -228,18 +242,21 @@ class CXRLTrainer:
             anchor_rows = [i for i in range(len(reports)) if i % group < kept]
         else:
             anchor_rows = None
+        spans = sampling_calls(len(reports), cfg.rollout.batch_size, len(self.roles.workers),
+                               cfg.rollout.samples_per_report)
         trajectories, rollouts = self.sample(reports, ("train", cfg.seed, iteration), cfg.rewards.rlcf,
-                                             row_seeds=seeds, anchor_rows=anchor_rows, wait=False)
+                                             row_seeds=seeds, anchor_rows=anchor_rows, wait=False, spans=spans)
         return SampledBatch(reports, seeds, anchor_rows, trajectories, rollouts)
 
     def sample(self, reports: list[str], seed_parts: tuple, with_anchor: bool, identical_noise: bool = False,
-               row_seeds: list[int] | None = None, anchor_rows: list[int] | None = None, wait: bool = True):
-        """Split `reports` into batches over the workers → (trajectory refs, rollout images) in report order
-        (rollout refs if not `wait`). `row_seeds` (anchor cache): per-row x_T seeds; `anchor_rows`: the rows
-        that need an anchor image (None: all)."""
+               row_seeds: list[int] | None = None, anchor_rows: list[int] | None = None, wait: bool = True,
+               spans: list[tuple[int, int]] | None = None):
+        """Split `reports` into calls over the workers → (trajectory refs, rollout images) in report order
+        (rollout refs if not `wait`). `spans`: the calls' row ranges (default: rollout.batch_size rows each);
+        `row_seeds` (anchor cache): per-row x_T seeds; `anchor_rows`: the rows that need an anchor image (None: all)."""
         size, workers, calls = self.cfg.rollout.batch_size, self.roles.workers, []
-        for k, start in enumerate(range(0, len(reports), size)):
-            end = start + size
+        spans = spans or [(start, min(start + size, len(reports))) for start in range(0, len(reports), size)]
+        for k, (start, end) in enumerate(spans):
             seeds = row_seeds[start:end] if row_seeds is not None else None
             rows = [i - start for i in anchor_rows if start <= i < end] if anchor_rows is not None else None
             calls.append(workers[k % len(workers)].sample.options(num_returns=2).remote(
@@ -332,7 +349,8 @@ class CXRLTrainer:
             scalars[WIN_RATE_KEY] = float(((policy_total > anchor_total) + 0.5 * (policy_total == anchor_total)).mean())
         scalars.update({"loss/policy": update["loss"], "ddpo/approx_kl": update["approx_kl"],
                         "ddpo/clipfrac": update["clipfrac"], "ddpo/grad_norm": update["grad_norm"],
-                        "ddpo/advantage_abs": update["advantage_abs"]})
+                        "ddpo/advantage_abs": update["advantage_abs"], "ddpo/optimizer_steps": update["optimizer_steps"],
+                        "ddpo/trajectories": update["trajectories"]})
         images = sum(len(r.reports) + (len(r.anchor_images) if r.anchor_images is not None else 0) for r in rollouts)
         scalars["rollout/images"] = float(images)
         if self.anchor_cache is not None:

@@ -27,7 +27,7 @@ from radrl.eval.text_metrics import ce_baselines, ce_per_observation, nlg_and_ce
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.checkpoints import PREFIX, load_checkpoint, save_checkpoint
 from radrl.orchestration.driver import (RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner,
-                                        resume_hint)
+                                        resume_hint, sampling_calls)
 from radrl.orchestration.tracking import TIMING_KEY, RunTracker
 from radrl.reward_actors.radcliq import FEATURES
 
@@ -52,7 +52,7 @@ class RRGTrainer:
         self.train = image_report_pairs(cfg.data, "train", cfg.data.n_train)
         self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
         self.train_ref = self.put(self.train)  # one copy in the object store for the learner's supervised epochs
-        self.per_iteration = cfg.rollout.num_workers * cfg.rollout.batches_per_iteration * cfg.rollout.batch_size
+        self.per_iteration = cfg.rollout.trajectories_per_iteration
         self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
         self.supervised_evaluation = None
         self.weight_version = -1
@@ -161,14 +161,15 @@ class RRGTrainer:
             raise RuntimeError(f"workers report stages {stages} after the supervised hand-over")
 
     def sample(self, index: list[int]):
-        """Split the iteration's images into batches over the workers → (trajectory refs, rollouts)."""
+        """Split the iteration's rows into calls over the workers (sampling_calls) → (trajectory refs, rollouts)."""
         cfg = self.cfg
-        size = cfg.rollout.batch_size
         calls = []
-        for k, start in enumerate(range(0, len(index), size)):
-            batch = self.train.take(index[start:start + size])
+        spans = sampling_calls(len(index), cfg.rollout.batch_size, len(self.roles.workers),
+                               cfg.rollout.samples_per_report)
+        for k, (start, end) in enumerate(spans):
+            batch = self.train.take(index[start:end])
             worker = self.roles.workers[k % len(self.roles.workers)]
-            groups = [int(i) for i in index[start:start + size]]  # rows of one image form one advantage group
+            groups = [int(i) for i in index[start:end]]  # rows of one image form one advantage group
             calls.append(worker.sample.options(num_returns=2).remote(
                 batch.images, list(batch.reports), groups, stable_seed("train", cfg.seed, self.iteration, k)))
         return [t for t, _ in calls], self.get([r for _, r in calls])

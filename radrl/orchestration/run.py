@@ -20,7 +20,7 @@ def run_training(cfg: ExperimentConfig, resume: bool = False) -> str:
     unit = "images" if cfg.task == "cxrl" else "reports"
     log.info("radrl train (%s): %s, %d rollout worker(s), %d iterations × %d %s, run folder %s", cfg.task,
              mode, cfg.rollout.num_workers, cfg.learner.iterations,
-             cfg.rollout.num_workers * cfg.rollout.batches_per_iteration * cfg.rollout.batch_size, unit, cfg.logging.run_dir)
+             cfg.rollout.trajectories_per_iteration, unit, cfg.logging.run_dir)
     roles = start_roles(cfg)
     try:
         trainer = (CXRLTrainer if cfg.task == "cxrl" else rrg_driver.RRGTrainer)(cfg, roles, resume=resume)
