@@ -136,3 +136,30 @@ def brightness_after_training(sign: float, iterations: int = 12) -> tuple[float,
 def test_ddpo_climbs_a_simple_reward_in_either_direction(sign):
     before, after = brightness_after_training(sign)
     assert sign * (after - before) > 0.03, (before, after)
+
+
+def test_a_non_finite_gradient_in_a_later_minibatch_undoes_the_whole_update():
+    """Two minibatches: the first steps, the second's gradient is NaN. The learner must come back exactly as it
+    was (weights, optimizer, advantage statistics), so that a retry is the update that would have happened."""
+    cfg = tiny_config()
+    learner, clean = DDPOLearner(cfg), DDPOLearner(cfg)
+    trajectory = sampled_batch(cfg, learner)
+    rewards = np.array([1.0, -1.0, 0.5, -0.5])
+    before = [p.detach().clone() for p in learner.trainable_parameters()]
+    calls = {"n": 0}
+
+    def nan_after_first_minibatch(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] > 2 else grad  # 2 timesteps per minibatch: the 2nd is poisoned
+
+    hook = learner.policy.ace.register_hook(nan_after_first_minibatch)
+    with pytest.raises(FloatingPointError, match="undone whole"):
+        learner.update(rewards, trajectory)
+    hook.remove()
+    assert calls["n"] > 2  # the first minibatch did step before the failure
+    assert all(torch.equal(a, b) for a, b in zip(learner.trainable_parameters(), before))
+    assert learner.version == 0 and learner.optimizer.state_dict()["state"] == {}  # no Adam moments from step 1
+    assert all(len(buffer) == 0 for buffer in learner.tracker.buffers.values())  # rewards not counted
+    learner.update(rewards, trajectory)  # the retry equals an update that never failed
+    clean.update(rewards, trajectory)
+    assert all(torch.equal(a, b) for a, b in zip(learner.trainable_parameters(), clean.trainable_parameters()))

@@ -193,6 +193,29 @@ def test_ppo_update_changes_only_the_rl_lora():
     assert any("lora_B" in n for n in changed) and all("lora_" in n for n in changed)
 
 
+def test_a_non_finite_gradient_in_a_later_ppo_minibatch_undoes_the_whole_update():
+    cfg = config(**{"learner.batch_size": 2, "learner.inner_epochs": 1, "learner.target_kl": "null"})
+    learner, worker = rl_stage(cfg)
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)
+    rewards = np.array([1.0, 0.0, 0.5, 2.0])
+    before = {n: t.clone() for n, t in learner.policy.rl_state().items()}
+    optimizer_before = learner.optimizer.state_dict()["state"]
+    lora = learner.policy.rl_parameters()[0]
+    calls = {"n": 0}
+
+    def nan_in_second_minibatch(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 2 else grad
+
+    hook = lora.register_hook(nan_in_second_minibatch)
+    with pytest.raises(FloatingPointError, match="whole update was undone"):
+        learner.update(rewards, trajectory)
+    hook.remove()
+    assert all(torch.equal(t, before[n]) for n, t in learner.policy.rl_state().items())
+    assert learner.version == 0 and learner.optimizer.state_dict()["state"] == optimizer_before
+    assert learner.update(rewards, trajectory)["weight_version"] == 1  # a retry runs
+
+
 def test_learner_refuses_stale_reports_and_a_wrong_number_of_rewards():
     learner, worker = rl_stage(config())
     trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)

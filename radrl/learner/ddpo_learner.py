@@ -58,11 +58,21 @@ class DDPOLearner:
 
         For each inner epoch the batch is shuffled into minibatches of `learner.batch_size`; each
         minibatch trains on a random `timestep_fraction` of the denoising steps, accumulating the
-        gradient over those steps before one clipped AdamW step.
+        gradient over those steps before one clipped AdamW step. All or nothing: a non-finite gradient in
+        any minibatch undoes the whole round (weights, optimizer, RNG, advantage statistics) before it raises,
+        so a retry sees the learner exactly as it was.
         """
         batch = concat_trajectories(list(trajectories)).to(self.device)
         rewards = check_update_batch(rewards, len(batch.reports), batch.weight_version, self.version,
                                      self.cfg.orchestration.max_staleness)
+        snapshot = self.state()
+        try:
+            return self._update(batch, rewards)
+        except FloatingPointError:
+            self.load_state(*snapshot)
+            raise
+
+    def _update(self, batch: DiffusionTrajectory, rewards: np.ndarray) -> dict[str, float]:
         advantages = self.advantages(batch.reports, rewards).to(self.device)
         learner, rollout = self.cfg.learner, self.cfg.rollout
         eligible = trained_steps(batch.timesteps, learner.min_train_timestep)
@@ -88,7 +98,8 @@ class DDPOLearner:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), learner.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise FloatingPointError(f"DDPO gradient norm is {float(grad_norm)} at weight version "
-                                             f"{self.version}; lower learner.lr (weights were not changed)")
+                                             f"{self.version}; lower learner.lr (this update was undone whole: "
+                                             "weights, optimizer and advantage statistics are as before it)")
                 self.optimizer.step()
                 stats["grad_norm"].append(float(grad_norm))
         self.version += 1

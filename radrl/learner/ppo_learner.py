@@ -194,12 +194,24 @@ class ReportLearner:
         """One PPO round on this iteration's reports (rewards in the same order); bumps the version.
 
         Epochs over shuffled minibatches; with learner.target_kl they stop early once a minibatch's
-        approximate KL to the sampling policy exceeds it.
+        approximate KL to the sampling policy exceeds it. All or nothing: a non-finite gradient in any
+        minibatch undoes the whole round (LoRA, optimizer, RNG, θ) before it raises.
         """
         self._require_stage("rl")
         batch = concat_report_trajectories(list(trajectories))
         rewards = check_update_batch(rewards, len(batch.references), batch.weight_version, self.version,
                                      self.cfg.orchestration.max_staleness)
+        lora = {name: tensor.clone() for name, tensor in self.policy.rl_state().items()}
+        snapshot, threshold = training_state(self.optimizer, self.generator, None, self.version), self.kl_threshold
+        try:
+            return self._update(batch, rewards)
+        except FloatingPointError:
+            self.policy.load_rl_state(lora)
+            self.version = load_training_state(self.optimizer, self.generator, None, *snapshot, self.device)
+            self.kl_threshold = threshold
+            raise
+
+    def _update(self, batch: ReportTrajectory, rewards: np.ndarray) -> dict[str, float]:
         learner = self.cfg.learner
         if learner.adaptive_kl and self.kl_threshold is None:  # θ from the reward's scale: a first-batch quantile
             self.kl_threshold = float(np.quantile(rewards, learner.kl_threshold_quantile))
@@ -256,7 +268,8 @@ class ReportLearner:
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"{what} gradient norm is {float(grad_norm)} at weight version {self.version}; "
-                                     "lower the learning rate (weights were not changed)")
+                                     "lower the learning rate (this step was not applied"
+                                     + (", and the whole update was undone)" if what == "PPO" else ")"))
         self.optimizer.step()
         return float(grad_norm)
 

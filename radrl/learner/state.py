@@ -42,6 +42,8 @@ def load_training_state(optimizer: torch.optim.Optimizer, generator: torch.Gener
     load_optimizer(optimizer, tensors, meta["optimizer_param_groups"], device)
     generator.set_state(tensors["rng/generator"])
     torch.set_rng_state(tensors["rng/torch"])
-    for report, values in meta["stat_buffers"].items():
-        tracker.buffers[report].extend(values)
+    if tracker is not None:
+        tracker.buffers.clear()  # the saved buffers replace what is there (a rollback, or a fresh learner)
+        for report, values in meta["stat_buffers"].items():
+            tracker.buffers[report].extend(values)
     return meta["weight_version"]
