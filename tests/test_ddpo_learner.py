@@ -163,3 +163,26 @@ def test_a_non_finite_gradient_in_a_later_minibatch_undoes_the_whole_update():
     learner.update(rewards, trajectory)  # the retry equals an update that never failed
     clean.update(rewards, trajectory)
     assert all(torch.equal(a, b) for a, b in zip(learner.trainable_parameters(), clean.trainable_parameters()))
+
+
+def test_each_sample_trains_on_its_own_timesteps_and_per_chain_log_probs_match():
+    from radrl.learner.ddpo_learner import sample_timesteps
+    from radrl.rollout.sampler import step_log_prob, text_conditions
+
+    eligible = torch.arange(10)
+    steps = sample_timesteps(eligible, 5, 8, torch.Generator().manual_seed(0))
+    assert steps.shape == (8, 5)
+    assert all(len(set(row.tolist())) == 5 for row in steps)  # a subset without repeats per sample
+    assert len({tuple(sorted(row.tolist())) for row in steps}) > 1  # not one subset for the minibatch
+    cfg = tiny_config()
+    learner = DDPOLearner(cfg)
+    trajectory = sampled_batch(cfg, learner)
+    cond, uncond = text_conditions(learner.policy, REPORTS)
+    per_chain = torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        mixed = step_log_prob(learner.policy, trajectory, per_chain, cond, uncond, cfg.rollout.eta,
+                              cfg.rollout.guidance_scale)
+        one_by_one = [step_log_prob(learner.policy, trajectory, int(s), cond, uncond, cfg.rollout.eta,
+                                    cfg.rollout.guidance_scale)[i] for i, s in enumerate(per_chain)]
+    assert torch.allclose(mixed, torch.stack(one_by_one), atol=1e-6)
+    assert torch.allclose(mixed, trajectory.log_probs[torch.arange(4), per_chain], atol=1e-5)  # the recorded ones

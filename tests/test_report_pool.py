@@ -13,6 +13,19 @@ def test_pools_are_non_empty_and_capped():
     assert all(text.strip() for text in train + test)
 
 
+def test_no_cxrl_evaluation_text_occurs_in_training():
+    """Identical IU texts recur across report ids (13 of the first 64 test texts did): the test pool keeps only
+    texts whose case- and whitespace-folded form no training report has, checked against the whole train split."""
+    from radrl.data.iu_reports import iu_split
+
+    fold = lambda text: " ".join(text.lower().split())  # noqa: E731  (the definition, written out here)
+    train = {fold(r.text) for r in iu_split("train")}
+    test = report_pool(DataConfig(), "test")
+    assert len(test) > 200 and not [t for t in test if fold(t) in train]
+    cap = DataConfig().n_train  # the training pool a run draws from is a subset of the train split
+    assert all(fold(t) in train for t in report_pool(DataConfig(), "train")[:cap])
+
+
 def test_iteration_reports_depend_on_seed_and_iteration_only():
     pool = [f"report {i}" for i in range(100)]
     assert iteration_reports(pool, 8, seed=0, iteration=3) == iteration_reports(pool, 8, seed=0, iteration=3)

@@ -32,7 +32,7 @@ def test_recomputed_log_probs_give_ratio_one(guidance):
         for step in range(5):
             again = step_log_prob(policy, trajectory, step, cond, uncond, eta=1.0, guidance_scale=guidance)
             ratio = (again - trajectory.log_probs[:, step]).exp()
-            assert torch.allclose(ratio, torch.ones(2), atol=1e-4)
+            assert torch.allclose(ratio, torch.ones(2), atol=1e-6)  # 100× inside DDPO's clip range (1e-4)
 
 
 def test_anchor_is_the_base_model_without_adapters():

@@ -10,8 +10,12 @@ from radrl.config import DataConfig
 def report_pool(cfg: DataConfig, split: str) -> list[str]:
     """Report texts of `split` ('train' or 'test'): IU reports for the embedded world, MIMIC impressions else.
 
-    At most data.n_train / data.n_test of them, drawn with a fixed seed, empty ones dropped.
+    At most data.n_train / data.n_test of them, drawn with a fixed seed, empty ones dropped. Held-out means
+    unseen: a test text whose normalised form (case and whitespace folded) occurs among the training texts is
+    dropped (IU splits by report id, yet identical normal texts recur across ids).
     """
+    from radrl.data.iu_reports import normalized_text
+
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     limit = cfg.n_train if split == "train" else cfg.n_test
@@ -19,13 +23,15 @@ def report_pool(cfg: DataConfig, split: str) -> list[str]:
         from radrl.data.image_datasets import load_mimic_cxr
 
         records = load_mimic_cxr(cfg.mimic_root, reports_root=cfg.mimic_reports_root, max_tokens=cfg.max_tokens,
-                                 n_train=cfg.n_train if split == "train" else 0,
-                                 n_test=cfg.n_test if split == "test" else 0)[split]
-        texts = [r.report for r in records]
+                                 n_train=cfg.n_train, n_test=cfg.n_test if split == "test" else 0)
+        texts, train_texts = [r.report for r in records[split]], [r.report for r in records["train"]]
     else:
         from radrl.data.iu_reports import iu_split
 
-        texts = [r.text for r in iu_split(split)]
+        texts, train_texts = [r.text for r in iu_split(split)], [r.text for r in iu_split("train")]
+    if split == "test":
+        seen = {normalized_text(t) for t in train_texts}
+        texts = [t for t in texts if normalized_text(t) not in seen]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"no non-empty {split} reports in data source {cfg.source!r}; check the data paths")

@@ -9,8 +9,15 @@ from radrl.config import ExperimentConfig
 from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, check_update_batch, ddpo_loss
 from radrl.learner.state import load_training_state, training_state
 from radrl.models.diffusion_policy import PublishedWeights
+from radrl.rollout.ddim import check_log_probs_defined
 from radrl.rollout.sampler import DiffusionTrajectory, concat_trajectories, step_log_prob, text_conditions
 from radrl.rollout.worker import build_policy, device_for
+
+
+def sample_timesteps(eligible: torch.Tensor, count: int, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """[samples, count]: for each sample its own random `count` of the eligible step indices (as the DDPO
+    reference draws one permutation per sample), so a minibatch's gradient covers more steps at once."""
+    return torch.stack([eligible[torch.randperm(len(eligible), generator=generator)[:count]] for _ in range(samples)])
 
 
 def trained_steps(timesteps: torch.Tensor, min_train_timestep: int) -> torch.Tensor:
@@ -40,6 +47,7 @@ class DDPOLearner:
         self.version = 0
         scheduler = self.policy.models.scheduler  # refuse a min_train_timestep that leaves nothing, before any run
         scheduler.set_timesteps(cfg.rollout.num_steps)
+        check_log_probs_defined(scheduler, cfg.rollout.eta)
         trained_steps(scheduler.timesteps, learner.min_train_timestep)
 
     def publish(self) -> PublishedWeights:
@@ -84,12 +92,14 @@ class DDPOLearner:
                 index = order[start:start + learner.batch_size]
                 reports = [batch.reports[i] for i in index]
                 cond, uncond = text_conditions(self.policy, reports)
-                steps = eligible[torch.randperm(len(eligible), generator=self.generator)[:steps_trained]]
+                steps = sample_timesteps(eligible, steps_trained, len(index), self.generator)  # [b, steps]
+                rows = torch.arange(len(index))
                 self.optimizer.zero_grad(set_to_none=True)
-                for step in steps.tolist():
+                for j in range(steps_trained):
+                    step = steps[:, j]  # each sample's own j-th step
                     log_prob = step_log_prob(self.policy, batch, step, cond, uncond, rollout.eta,
                                              rollout.guidance_scale, index=index.to(self.device))
-                    loss, info = ddpo_loss(log_prob, batch.log_probs[index, step], advantages[index],
+                    loss, info = ddpo_loss(log_prob, batch.log_probs[index, :][rows, step], advantages[index],
                                            learner.clip_range, learner.adv_clip_max)
                     (loss / steps_trained).backward()  # gradient accumulated over the trained timesteps
                     stats["loss"].append(float(loss.detach()))

@@ -162,7 +162,7 @@ class CXRLTrainer:
         staleness = self.weight_version - min(r.weight_version for r in rollouts)
 
         with timer("score"):  # 2. every reward actor at once, policy and anchor images in one call each
-            scores = self.score(rollouts)
+            scores = self.score(rollouts, refs=batch.rollouts)
         if self.anchor_cache is not None:  # anchor scores of cached (report, seed) pairs; the new ones are kept
             scores = replace(scores, anchor=self.anchor_cache.complete(reports, seeds, batch.anchor_rows, scores.anchor),
                              anchor_rows=None)
@@ -264,9 +264,12 @@ class CXRLTrainer:
         trajectories, rollouts = [trajectory for trajectory, _ in calls], [rollout for _, rollout in calls]
         return trajectories, self.get(rollouts) if wait else rollouts
 
-    def score(self, rollouts) -> Scores:
-        """Direct scores of every reward for every rollout, all reward actors working concurrently."""
-        pending = {name: [replicas[k % len(replicas)].score.remote(rollout) for k, rollout in enumerate(rollouts)]
+    def score(self, rollouts, refs=None) -> Scores:
+        """Direct scores of every reward for every rollout, all reward actors working concurrently. `refs`: the
+        rollouts' object refs, passed to the actors instead of the values, so the images are not serialised
+        again by the driver for each reward (the actors read them from the object store)."""
+        sent = rollouts if refs is None else refs
+        pending = {name: [replicas[k % len(replicas)].score.remote(rollout) for k, rollout in enumerate(sent)]
                    for name, replicas in self.roles.rewards.items()}
         scored = {name: self.get(refs) for name, refs in pending.items()}
         reports = [report for rollout in rollouts for report in rollout.reports]

@@ -37,6 +37,19 @@ def step_std(scheduler: DDIMScheduler, t: torch.Tensor, prev_t: torch.Tensor, et
     return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
 
 
+def check_log_probs_defined(scheduler: DDIMScheduler, eta: float) -> None:
+    """Refuse a schedule (after set_timesteps) with a step of σ_t = 0: its log-prob is −log 0, a NaN in DDPO.
+    It happens at the last step of a scheduler with set_alpha_to_one=True (ᾱ after it is 1)."""
+    timesteps = scheduler.timesteps
+    std = step_std(scheduler, timesteps, previous_timesteps(scheduler), eta)
+    if (std <= 0).any():
+        zero = [int(t) for t, s in zip(timesteps, std) if s <= 0]
+        raise ValueError(
+            f"the DDIM step's σ is 0 at timestep(s) {zero} (set_alpha_to_one={scheduler.config.set_alpha_to_one}): "
+            "that step is deterministic and has no log-probability for DDPO. Load the scheduler with "
+            "set_alpha_to_one=False (Stable Diffusion's scheduler_config.json has it so)")
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     eps: torch.Tensor,  # [B, C, H, W] predicted noise (after guidance)

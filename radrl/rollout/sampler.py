@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from radrl.models.diffusion_policy import DiffusionPolicy
-from radrl.rollout.ddim import ddim_step_with_logprob, previous_timesteps
+from radrl.rollout.ddim import check_log_probs_defined, ddim_step_with_logprob, previous_timesteps
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ def sample_trajectories(policy: DiffusionPolicy, reports: list[str], num_steps: 
     """Run DDIM from `initial_noise` [B, C, H, W] and record every step (policy or, in policy.anchor(), the anchor)."""
     scheduler = policy.models.scheduler
     scheduler.set_timesteps(num_steps, device=initial_noise.device)
+    check_log_probs_defined(scheduler, eta)
     timesteps, prev_timesteps = scheduler.timesteps, previous_timesteps(scheduler)
     cond, uncond = text_conditions(policy, reports)
     x, latents, log_probs = initial_noise, [initial_noise], []
@@ -69,15 +70,19 @@ def sample_trajectories(policy: DiffusionPolicy, reports: list[str], num_steps: 
     )
 
 
-def step_log_prob(policy: DiffusionPolicy, trajectory: DiffusionTrajectory, step: int, cond: torch.Tensor,
-                  uncond: torch.Tensor, eta: float, guidance_scale: float,
+def step_log_prob(policy: DiffusionPolicy, trajectory: DiffusionTrajectory, step: int | torch.Tensor,
+                  cond: torch.Tensor, uncond: torch.Tensor, eta: float, guidance_scale: float,
                   index: torch.Tensor | None = None) -> torch.Tensor:
     """log p_θ of the recorded transition `step` (of the chains in `index`, default all) under the
-    current weights, differentiable → [B]."""
+    current weights, differentiable → [B]. `step`: one step index for every chain, or one per chain [B]."""
     latents = trajectory.latents if index is None else trajectory.latents[index]
-    x_t = latents[:, step]
+    if isinstance(step, int) or step.dim() == 0:
+        x_t, x_prev = latents[:, step], latents[:, step + 1]
+    else:  # each chain its own step
+        rows = torch.arange(len(latents), device=latents.device)
+        step = step.to(latents.device)
+        x_t, x_prev = latents[rows, step], latents[rows, step + 1]
     t, prev_t = trajectory.timesteps[step], trajectory.prev_timesteps[step]
     eps = policy.predict_noise(x_t, t, cond, uncond, guidance_scale)
-    _, log_prob = ddim_step_with_logprob(policy.models.scheduler, eps, t, prev_t, x_t, eta,
-                                         prev_sample=latents[:, step + 1])
+    _, log_prob = ddim_step_with_logprob(policy.models.scheduler, eps, t, prev_t, x_t, eta, prev_sample=x_prev)
     return log_prob
