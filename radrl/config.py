@@ -189,6 +189,10 @@ class RewardsConfig(Section):
     anchor_reference: Literal["paired", "report_mean"] = Field(
         "paired", description="RLCF: compare each policy image with its paired anchor image (same x_T), or with the "
                               "mean score of the anchor's images of the same report (less noise, fewer anchor images)")
+    diag_metric: Literal["accuracy", "balanced"] = Field(
+        "accuracy", description="r_diag per image: accuracy over the scored classes (the paper), or balanced: the "
+                                "mean of sensitivity over its positive classes and specificity over its negative ones "
+                                "(IU reports are mostly normal: accuracy pays most for reading classes negative)")
     replicas: int = Field(1, ge=1, description="actors per reward model")
     radcliq_version: Literal["v0", "v1"] = "v1"
     rrg_reward: Literal["radcliq", "bleu4"] = Field(

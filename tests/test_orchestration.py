@@ -49,6 +49,7 @@ def test_in_process_run_writes_everything_a_user_looks_at(tmp_path):
     assert (tmp_path / "reward_curves.png").is_file()
     table = (tmp_path / "results.md").read_text()
     assert "r_align" in table and "CLIP cosine" in table and "win rate" in table
+    assert "sensitivity" in table and set(results["end"]["diagnosis"]["per_class"]) >= {"Pleural Effusion"}
     for part in ("align", "diag", "consist", "total"):
         assert results["end"][part]["anchor"] == pytest.approx(results["start"][part]["anchor"])  # frozen anchor
 

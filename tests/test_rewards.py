@@ -54,6 +54,17 @@ def test_diagnostic_accuracy_by_hand():
     assert np.allclose(diagnostic_accuracy(probabilities, targets), [2 / 3, 0.0])
 
 
+def test_balanced_diagnostic_accuracy_by_hand():
+    from radrl.reward_actors.rewards import diagnostic_balanced_accuracy
+
+    probabilities = np.array([[0.9, 0.2, 0.6, 0.1, 0.3], [0.1, 0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1, 0.1]])
+    targets = np.array([[1, 1, 0, 0, np.nan], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    # image 0: sensitivity 1/2, specificity 1/2 → 0.5 (accuracy 2/4); image 1 reads all negative: sensitivity 0,
+    # specificity 1 → 0.5 (accuracy 0.8); image 2 has no positive: specificity 3/5 alone
+    assert np.allclose(diagnostic_balanced_accuracy(probabilities, targets), [0.5, 0.5, 0.6])
+    assert np.allclose(diagnostic_accuracy(probabilities, targets), [0.5, 0.8, 0.6])
+
+
 def test_diagnosis_reward_prefers_the_images_that_show_the_reported_findings():
     """16 phantom seeds, each with and without the report's two findings. At the shipped operating points
     (Youden's J) the classifier decides the two reported classes right on nearly every image, and the images

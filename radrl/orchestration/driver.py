@@ -21,10 +21,13 @@ import torch
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.report_pool import iteration_reports, report_pool
+from radrl.eval.diagnosis import diagnosis_summary, format_diagnosis_table
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from radrl.orchestration.tracking import REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY, TOTAL_KEY, WIN_RATE_KEY, RunTracker
 from radrl.reward_actors.anchor_cache import AnchorCache, iteration_noise_seeds, pair_seed
+from radrl.models.classifier import PAPER_CLASSES, chexpert_names
+from radrl.reward_actors.rewards import report_targets
 from radrl.reward_actors.rlcf import (COMPONENTS, anchor_reference, check_finite, combine, paired_variance_ratio,
                                      weights)
 
@@ -85,6 +88,8 @@ class Scores:
     anchor: dict[str, np.ndarray] | None  # of the anchor images of `anchor_rows`
     anchor_rows: list[int] | None  # rows that have an anchor image; None = every row
     seconds: dict[str, float]  # reward name → seconds spent in that reward's actors
+    # the diagnostic classifier's calibrated outputs: {"class_names", "policy" [B, C], "anchor" [A, C] or None}
+    diagnosis: dict | None = None
 
 
 def direct_total(scores: dict[str, np.ndarray], cfg: ExperimentConfig) -> np.ndarray:
@@ -105,7 +110,25 @@ def evaluation_summary(scores: Scores, cfg: ExperimentConfig) -> dict[str, dict[
                          "difference_se": float(difference.std(ddof=1) / np.sqrt(len(difference)))}
     wins = (policy["total"] > anchor["total"]) + 0.5 * (policy["total"] == anchor["total"])
     summary["win_rate"] = {"policy": float(wins.mean()), "anchor": float(1 - wins.mean())}
+    if scores.diagnosis is not None and scores.anchor_rows is None:  # every report has its anchor image
+        names = scores.diagnosis["class_names"]
+        summary["diagnosis"] = diagnosis_summary(scores.diagnosis["policy"], scores.diagnosis["anchor"],
+                                                 report_targets(scores.reports, names), names)
     return summary
+
+
+def evaluation_reports(pool: list[str], count: int, per_class: int = 3) -> list[str]:
+    """`count` held-out reports for the end-of-run table: first up to `per_class` positives of each of the paper's
+    classes that the pool has (rarest first), so that each has an AUROC, then the rest in pool order; returned in
+    pool order. The first `count` alone held 0–2 positives of half the classes."""
+    targets = report_targets(pool, chexpert_names(PAPER_CLASSES))
+    chosen: list[int] = []
+    for c in np.argsort(np.nansum(targets == 1, axis=0)):
+        positives = np.flatnonzero(targets[:, c] == 1)
+        need = per_class - int(np.isin(positives, chosen).sum())
+        chosen += [int(i) for i in positives if i not in chosen][:max(need, 0)]
+    chosen += [i for i in range(len(pool)) if i not in chosen]
+    return [pool[i] for i in sorted(chosen[:count])]
 
 
 def sampling_calls(total: int, batch_size: int, workers: int, group: int = 1) -> list[tuple[int, int]]:
@@ -130,7 +153,7 @@ class CXRLTrainer:
         self.get, self.put = roles.cluster.get, roles.cluster.put
         self.run_dir = Path(cfg.logging.run_dir)
         self.train_pool = report_pool(cfg.data, "train")
-        self.eval_reports = report_pool(cfg.data, "test")[:cfg.logging.eval_reports]
+        self.eval_reports = evaluation_reports(report_pool(cfg.data, "test"), cfg.logging.eval_reports)
         rollout = cfg.rollout
         self.per_iteration = rollout.trajectories_per_iteration
         self.iteration, self.last_checkpoint, self.start_evaluation = 0, 0, None
@@ -284,8 +307,14 @@ class CXRLTrainer:
             check_finite(name, policy[name], reports)
             if anchor is not None:
                 check_finite(f"{name} (anchor)", anchor[name], anchor_reports)
+        diagnosis = None
+        if "diag" in scored and scored["diag"][0].policy_probabilities is not None:
+            results = scored["diag"]
+            diagnosis = {"class_names": results[0].class_names,
+                         "policy": np.concatenate([s.policy_probabilities for s in results]),
+                         "anchor": np.concatenate([s.anchor_probabilities for s in results]) if has_anchor else None}
         return Scores(reports, policy, anchor, None if anchor_rows == list(range(len(reports))) else anchor_rows,
-                      {name: sum(s.seconds for s in results) for name, results in scored.items()})
+                      {name: sum(s.seconds for s in results) for name, results in scored.items()}, diagnosis)
 
     def reference_scores(self, scores: Scores) -> dict[str, np.ndarray] | None:
         """Per reward, the anchor score [B] each policy image is compared with (rewards.anchor_reference)."""
@@ -495,6 +524,9 @@ def format_results_table(results: dict) -> str:
         lines.append(f"| {label} | {anchor:.4f} | {start[key]['policy']:.4f} | {end[key]['policy']:.4f} | "
                      f"{end[key]['policy'] - anchor:+.4f} ± {end[key]['difference_se']:.4f} |")
     lines.append(f"| win rate vs anchor (total) | | {start['win_rate']['policy']:.3f} | {end['win_rate']['policy']:.3f} | |")
+    if "diagnosis" in end:
+        lines += ["", "End of training, diagnosis (the paper's metric; r_diag above is its reward):", "",
+                  format_diagnosis_table(end["diagnosis"])]
     return "\n".join(lines)
 
 

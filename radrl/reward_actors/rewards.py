@@ -77,6 +77,25 @@ def diagnostic_accuracy(probabilities: np.ndarray, targets: np.ndarray) -> np.nd
     return np.where(counts > 0, correct.sum(axis=1) / np.maximum(counts, 1), 0.0)
 
 
+def diagnostic_balanced_accuracy(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per image, the mean of sensitivity (over its scored positive classes) and specificity (over its scored
+    negative ones); an image with only one kind gets that one alone, with none 0. [B, C] → [B].
+
+    Accuracy counts every class alike, so with 1–2 positives among 11 classes a reward that reads everything
+    negative scores ≥ 0.8; here missing the one finding costs half the score.
+    """
+    scored = ~np.isnan(targets)
+    predicted, positive = probabilities >= 0.5, (targets == 1) & scored
+    negative = scored & ~positive
+    hits, rejections = (predicted & positive).sum(axis=1), (~predicted & negative).sum(axis=1)
+    n_pos, n_neg = positive.sum(axis=1), negative.sum(axis=1)
+    sensitivity = np.where(n_pos > 0, hits / np.maximum(n_pos, 1), np.nan)
+    specificity = np.where(n_neg > 0, rejections / np.maximum(n_neg, 1), np.nan)
+    both = np.stack([sensitivity, specificity])
+    counted = (~np.isnan(both)).sum(axis=0)
+    return np.where(counted > 0, np.nansum(both, axis=0) / np.maximum(counted, 1), 0.0)
+
+
 class DiagnosisReward:
     """Diagnostic accuracy of the frozen torchxrayvision classifier G against the report's labels.
 
@@ -86,9 +105,10 @@ class DiagnosisReward:
 
     name = "diag"
 
-    def __init__(self, models: ModelsConfig, device: str = "cpu"):
+    def __init__(self, models: ModelsConfig, device: str = "cpu", metric: str = "accuracy"):
         self.model = build_classifier(models.classifier).to(device).eval()
         self.device = device
+        self.metric = {"accuracy": diagnostic_accuracy, "balanced": diagnostic_balanced_accuracy}[metric]
         names = self.model.chexpert_names()
         calibrated = self.model.calibrated_targets()
         self.columns = [i for i, target in enumerate(self.model.targets)
@@ -103,7 +123,7 @@ class DiagnosisReward:
         _check_images(images, reports, self.name)
         probabilities = self.model.probabilities(images.to(self.device)).cpu().numpy()[:, self.columns]
         targets = report_targets(reports, self.class_names)
-        scores = diagnostic_accuracy(probabilities, targets)
+        scores = self.metric(probabilities, targets)
         return scores, {"probabilities": probabilities, "scored_classes": (~np.isnan(targets)).sum(axis=1)}
 
 
@@ -130,8 +150,10 @@ class ConsistencyReward:
 REWARDS = {cls.name: cls for cls in (PostureReward, DiagnosisReward, ConsistencyReward)}
 
 
-def build_reward(name: str, models: ModelsConfig, device: str = "cpu"):
-    """The reward model called `name` ('align', 'diag' or 'consist')."""
+def build_reward(name: str, models: ModelsConfig, device: str = "cpu", diag_metric: str = "accuracy"):
+    """The reward model called `name` ('align', 'diag' or 'consist'); `diag_metric`: rewards.diag_metric."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
+    if name == "diag":
+        return DiagnosisReward(models, device, diag_metric)
     return REWARDS[name](models, device)

@@ -21,6 +21,10 @@ class ScoredRollout:
     policy: np.ndarray  # [B]
     anchor: np.ndarray | None  # [A] for the rollout's anchor rows (all B by default), None without anchor images
     seconds: float
+    # diag only: the classifier's calibrated outputs [B, C] / [A, C] and its class names (evaluation metrics)
+    policy_probabilities: np.ndarray | None = None
+    anchor_probabilities: np.ndarray | None = None
+    class_names: tuple[str, ...] | None = None
 
 
 class RewardScorer:
@@ -28,7 +32,7 @@ class RewardScorer:
 
     def __init__(self, cfg: ExperimentConfig, name: str):
         self.name = name
-        self.reward = build_reward(name, cfg.models, device_for(cfg.rewards.resources.num_gpus))
+        self.reward = build_reward(name, cfg.models, device_for(cfg.rewards.resources.num_gpus), cfg.rewards.diag_metric)
 
     def score(self, rollout: RolloutImages) -> ScoredRollout:
         """Scores of rollout.policy_images (and anchor_images) for rollout.reports."""
@@ -37,10 +41,14 @@ class RewardScorer:
         if rollout.anchor_images is not None:
             rows = range(len(reports)) if rollout.anchor_rows is None else rollout.anchor_rows
             images, reports = torch.cat([images, rollout.anchor_images]), reports + [reports[i] for i in rows]
-        scores, _ = self.reward(images, reports, {"weight_version": rollout.weight_version})
+        scores, info = self.reward(images, reports, {"weight_version": rollout.weight_version})
         n = len(rollout.reports)
         anchor = scores[n:] if rollout.anchor_images is not None else None
-        return ScoredRollout(self.name, scores[:n], anchor, time.perf_counter() - start)
+        probabilities = info.get("probabilities")
+        if probabilities is None:
+            return ScoredRollout(self.name, scores[:n], anchor, time.perf_counter() - start)
+        return ScoredRollout(self.name, scores[:n], anchor, time.perf_counter() - start, probabilities[:n],
+                             probabilities[n:] if anchor is not None else None, self.reward.class_names)
 
     def score_images(self, images: torch.Tensor, reports: list[str]) -> np.ndarray:
         """Direct scores of any images of the reports (e.g. anchor images sampled ahead of training)."""
