@@ -104,17 +104,14 @@ def test_teacher_forced_disease_prompt_is_the_labels_in_training_and_the_heads_d
     assert torch.equal(generated[0], expected) and torch.equal(generated[1], expected)
 
 
-def test_disease_tokens_start_as_the_findings_names_and_one_shared_absent_word():
-    """Only a present finding puts its name in the prompt: e⁺_c reads as c's name, e⁻_c as "no" for every c."""
+def test_disease_tokens_start_as_the_words_of_present_and_absent_findings():
     generator = build_report_policy(config(), "cpu").generator
     embed, tokenizer = generator.decoder.get_input_embeddings(), generator.tokenizer
     positive, negative = generator.disease_tokens.detach()
     effusion = CHEXPERT_OBSERVATIONS.index("Pleural Effusion")
-    ids = tokenizer("pleural effusion", add_special_tokens=False)["input_ids"]
-    assert torch.allclose(positive[effusion], embed.weight[ids].mean(dim=0))
-    no = tokenizer("no", add_special_tokens=False)["input_ids"]
-    assert torch.allclose(negative, embed.weight[no].mean(dim=0).expand_as(negative))
-    assert torch.cdist(positive, positive).fill_diagonal_(1.0).min() > 1e-3  # every name its own token
+    for token, text in ((positive, "pleural effusion"), (negative, "no pleural effusion")):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert torch.allclose(token[effusion], embed.weight[ids].mean(dim=0))
 
 
 def test_unmentioned_observations_train_the_disease_head_as_negatives_unless_ignored():
