@@ -208,7 +208,9 @@ def bench(
     iterations: Annotated[int, typer.Option(min=1, help="measured iterations per setting")] = 2,
     warmup: Annotated[int, typer.Option(min=0, help="iterations run before measuring, per setting")] = 1,
     batch: Annotated[int, typer.Option(min=4, help="policy images per iteration (rollout and learner batch); "
-                                                   "half per worker with two workers")] = 8,
+                                                   "two workers make one sampling call each")] = 8,
+    repeats: Annotated[int, typer.Option(min=1, help="rounds over every setting, interleaved; ratios get a spread "
+                                                     "over rounds")] = 3,
     out: Annotated[Path, typer.Option(help="where to write the JSON")] = Path("runs/bench/bench.json"),
     gpu: Annotated[bool, typer.Option("--gpu", help="also compare radrl's sampler with diffusers' pipeline at SD 1.x "
                                                     "size (512 px, bf16) on the CUDA device")] = False,
@@ -246,7 +248,7 @@ def bench(
         raise typer.Exit(2)
     try:
         settings = (*benchmarks.SETTINGS, *(benchmarks.GPU_SETTINGS if gpu else ()))
-        report = run_bench(cfg, warmup, iterations, settings)
+        report = run_bench(cfg, warmup, iterations, settings, repeats)
     except ValueError as error:
         typer.echo(f"radrl bench: {error}", err=True)
         raise typer.Exit(2) from None

@@ -1,5 +1,6 @@
 """`radrl bench` on tiny settings: every figure is produced; the GPU sampler comparison runs (here on CPU)."""
 
+import numpy as np
 import pytest
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
@@ -16,8 +17,11 @@ pytestmark = pytest.mark.slow
 def test_bench_measures_every_setting_and_derives_the_figures():
     cfg = load_config(None, ["rollout.num_steps=2", "rollout.batch_size=4", "learner.batch_size=4",
                              "learner.stat_buffer_size=4", "learner.stat_min_count=2"])
-    report = run_bench(cfg, warmup=0, iterations=1, settings=("in-process", "ray", "ray-anchor-cache"))
+    report = run_bench(cfg, warmup=0, iterations=1, settings=("in-process", "ray", "ray-anchor-cache"), repeats=2)
     assert set(report["settings"]) == {"in-process", "ray", "ray-anchor-cache"}
+    assert len(report["figures_per_repeat"]) == 2 and report["figure_spread"]["ray_vs_in_process"] >= 0
+    one = report["figures_per_repeat"]  # the reported figure is the mean of the repeats' own ratios
+    assert report["figures"]["ray_vs_in_process"] == pytest.approx(np.mean([f["ray_vs_in_process"] for f in one]))
     for result in report["settings"].values():
         assert result["images_per_s"] > 0 and result["stages_s"]["sample"] > 0
         assert result["iteration_s"] >= sum(result["stages_s"][s] for s in ("sample", "score", "update")) - 1e-6
@@ -28,7 +32,7 @@ def test_bench_measures_every_setting_and_derives_the_figures():
     assert report["settings"]["ray"]["broadcast_bytes"] < report["unet_bytes"] / 10  # adapter tensors only
     assert 0 < figures["ray_runtime_cpu_share"] < 1  # raylet, GCS and agents did some work meanwhile
     table = format_report(report)
-    assert "ray_vs_in_process" in table and "not measured in this run" in table
+    assert "ray_vs_in_process" in table and "not measured in this run" in table and " ± " in table
 
 
 def test_sampler_comparison_with_diffusers_pipeline_runs_on_a_tiny_latent_model():

@@ -97,10 +97,11 @@ def measure(cfg: ExperimentConfig, warmup: int, iterations: int) -> dict:
     stages = {k: v / iterations for k, v in seconds.items() if k != "iteration"}
     iteration = wall / iterations
     stages["idle"] = iteration - sum(stages[s] for s in DRIVER_STAGES)
-    sampled = sum(stages.get(f"rollout_{who}", 0.0) for who in ("policy", "anchor"))
+    busy = sum(stages.get(f"rollout_{who}", 0.0) for who in ("policy", "anchor"))  # actor seconds, summed
     return {"images_per_s": trained / wall, "iteration_s": iteration, "stages_s": stages,
+            # images sampled (policy and anchor) per second of the sampling stage's wall time
             "sample_images_per_s": sampled / iterations / stages["sample"], "broadcast_bytes": broadcast_bytes,
-            "anchor_share_of_rollout": stages.get("rollout_anchor", 0.0) / sampled if sampled else 0.0,
+            "anchor_share_of_rollout": stages.get("rollout_anchor", 0.0) / busy if busy else 0.0,
             # Ray's own processes (raylet, GCS, agents), as a share of every core's time during the measured iterations
             "ray_runtime_cpu_share": runtime_cpu / (wall * (os.cpu_count() or 1))}
 
@@ -135,26 +136,49 @@ def unet_bytes(cfg: ExperimentConfig) -> int:
 
 
 def run_bench(cfg: ExperimentConfig, warmup: int = 1, iterations: int = 3,
-              settings: tuple[str, ...] = tuple(SETTINGS)) -> dict:
-    """Measure every setting and derive the figures (a JSON-able report)."""
+              settings: tuple[str, ...] = tuple(SETTINGS), repeats: int = 1) -> dict:
+    """Measure every setting `repeats` times, interleaved (setting A, B, …, then A, B, … again, so slow drift of
+    a shared machine hits every setting alike), and derive the figures: each ratio is taken within one repeat,
+    then reported as the mean and the spread (std, ddof 1) over repeats (a JSON-able report)."""
     if cfg.task != "cxrl":
         raise ValueError("radrl bench measures the CXRL loop; give a task: cxrl config")
     started = time.perf_counter()
-    results = {}
+    rounds: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="radrl-bench-") as scratch:
-        for setting in settings:
-            log.info("bench: %s (%d + %d iterations)", setting, warmup, iterations)
-            results[setting] = measure(setting_config(cfg, setting, Path(scratch)), warmup, iterations)
-            log.info("  %.2f images/s, %.1f s per iteration", results[setting]["images_per_s"],
-                     results[setting]["iteration_s"])
+        for repeat in range(repeats):
+            results = {}
+            for setting in settings:
+                log.info("bench: %s, repeat %d/%d (%d + %d iterations)", setting, repeat + 1, repeats, warmup,
+                         iterations)
+                results[setting] = measure(setting_config(cfg, setting, Path(scratch) / str(repeat)), warmup,
+                                           iterations)
+                log.info("  %.2f images/s, %.1f s per iteration", results[setting]["images_per_s"],
+                         results[setting]["iteration_s"])
+            rounds.append(results)
+    per_round = [figures(results) for results in rounds]
     report = {"device": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
               "torch": torch.__version__, "config": {"batch": cfg.rollout.batch_size, "steps": cfg.rollout.num_steps,
                                                       "image_size": cfg.data.image_size},
-              "warmup": warmup, "iterations": iterations, "settings": results,
-              "unet_bytes": unet_bytes(cfg), "figures": figures(results)}
-    report["figures"]["broadcast_share_of_unet"] = results[settings[0]]["broadcast_bytes"] / report["unet_bytes"]
+              "warmup": warmup, "iterations": iterations, "repeats": repeats, "settings": average_settings(rounds),
+              "unet_bytes": unet_bytes(cfg), "figures": {k: float(np.mean([f[k] for f in per_round]))
+                                                         for k in per_round[0]},
+              "figure_spread": {k: float(np.std([f[k] for f in per_round], ddof=1)) if repeats > 1 else None
+                                for k in per_round[0]},
+              "figures_per_repeat": per_round}
+    report["figures"]["broadcast_share_of_unet"] = rounds[0][settings[0]]["broadcast_bytes"] / report["unet_bytes"]
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def average_settings(rounds: list[dict]) -> dict:
+    """Each setting's numbers averaged over the repeats (stage seconds key by key)."""
+    averaged = {}
+    for setting, first in rounds[0].items():
+        runs = [r[setting] for r in rounds]
+        averaged[setting] = {key: (float(np.mean([r[key] for r in runs])) if not isinstance(value, dict)
+                                   else {k: float(np.mean([r[key].get(k, 0.0) for r in runs])) for k in value})
+                             for key, value in first.items()}
+    return averaged
 
 
 def figures(results: dict) -> dict:
@@ -203,14 +227,22 @@ def format_report(report: dict) -> str:
     for name, result in settings.items():
         cells = [f"{result['stages_s'].get(s, 0.0):.2f}" for s in stages]
         lines.append(f"| {name} | {result['images_per_s']:.2f} | {result['iteration_s']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "images/s: policy images (trajectories trained on) per second of the loop. "
+    repeats = report.get("repeats", 1)
+    lines += ["", f"{repeats} repeat(s) of each setting, interleaved; figures are ratios within a repeat, mean ± std "
+                  "over repeats. images/s: policy images (trajectories trained on) per second of the loop; sampling "
+                  "speed-ups: images sampled per second of the sampling stage's wall time. "
                   "Stage seconds per iteration; rollout_policy/anchor and reward_* are seconds inside the actors "
                   "(summed over workers), the rest driver wall time; idle = the iteration's wall time not in a stage.",
               "", "| figure | measured | target |", "|---|---|---|"]
+    spreads = report.get("figure_spread", {})
     for key, value in report["figures"].items():
         target, met = TARGETS.get(key, ("", None))
         verdict = "" if met is None else (" (met)" if met(value) else " (not met)")
-        shown = f"{value:.1%}" if "share" in key else f"{value:.3f}"
+        spread = spreads.get(key)
+        if "share" in key:
+            shown = f"{value:.1%}" + (f" ± {spread:.1%}" if spread is not None else "")
+        else:
+            shown = f"{value:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
         lines.append(f"| {key} | {shown} | {target}{verdict} |")
     lines.append(f"| broadcast bytes per version | {settings[next(iter(settings))]['broadcast_bytes'] / 1e3:.1f} kB "
                  f"(whole UNet {report['unet_bytes'] / 1e6:.2f} MB) | adapter tensors only |")
