@@ -113,3 +113,19 @@ def test_grids_have_every_variant_per_seed_and_dependent_cells_start_from_their_
     assert list(grid(rrg_cfg, 1, tmp_path, only=("full",))) == ["supervised_seed0", "full_seed0"]
     with pytest.raises(ValueError, match="unknown rrg variant"):
         grid(rrg_cfg, 1, tmp_path, only=("no_ace",))
+
+
+def test_ce_f1_change_per_observation_with_a_paired_bootstrap_error():
+    import math
+
+    from radrl.eval.text_metrics import ce_f1_changes
+
+    references = ["Small left pleural effusion.", "Moderate right pleural effusion.", "The lungs are clear.",
+                  "No acute disease."]
+    before = ["The lungs are clear."] * 4  # no effusion written: F1 0
+    after = ["Small left pleural effusion.", "The lungs are clear.", "Small pleural effusion.", "No acute disease."]
+    changes = ce_f1_changes(before, after, references, resamples=200)
+    effusion = changes["Pleural Effusion"]
+    assert effusion["change"] == 0.5  # after: 1 hit, 2 written, 2 true → 2·1 / (2 + 2)
+    assert effusion["se"] > 0
+    assert math.isnan(changes["Pneumothorax"]["change"])  # nobody marks it positive: no F1 either side

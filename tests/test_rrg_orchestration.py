@@ -50,8 +50,10 @@ def test_in_process_rrg_run_writes_both_stages_and_the_table(tmp_path):
     table = (tmp_path / "results.md").read_text()
     for label in ("BLEU-4", "METEOR", "ROUGE-L", "CE precision", "CE recall", "CE F1", "RadCliQ v0", "RadCliQ v1",
                   "sampled, T = 1", "always \"normal\"", "most common train report", "labeler agreement",
-                  "Offline stand-ins"):
+                  "Offline stand-ins", "paired bootstrap s.e."):
         assert label in table, label
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["ce_f1_change"]) >= {"Pleural Effusion", "Cardiomegaly"}
     assert (tmp_path / "reward_curves.png").is_file() and (tmp_path / "region_attention.png").is_file()
 
 

@@ -94,6 +94,31 @@ def ce_per_observation(candidates: Sequence[str], references: Sequence[str]) -> 
     return result
 
 
+def ce_f1_changes(before: Sequence[str], after: Sequence[str], references: Sequence[str], resamples: int = 500,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per observation, F1(after) − F1(before) of two sets of reports for the same references, with the
+    standard error of a paired bootstrap over reports (the same resampled rows for both): what "CE did not
+    fall by more than noise" is judged against. NaN where no resample has a positive either side."""
+    first, truth = _positives(before, references)
+    second, _ = _positives(after, references)
+
+    def f1(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
+        hits, total = (predicted & true).sum(axis=0), predicted.sum(axis=0) + true.sum(axis=0)
+        return np.where(total > 0, 2 * hits / np.maximum(total, 1), np.nan)
+
+    rng = np.random.default_rng(seed)
+    changes = []
+    for _ in range(resamples):
+        rows = rng.integers(0, len(truth), len(truth))
+        changes.append(f1(second[rows], truth[rows]) - f1(first[rows], truth[rows]))
+    changes = np.array(changes)
+    point = f1(second, truth) - f1(first, truth)
+    with np.errstate(invalid="ignore"):
+        spread = np.array([np.nanstd(column, ddof=1) if np.isfinite(column).sum() > 1 else np.nan
+                           for column in changes.T])
+    return {name: {"change": float(point[k]), "se": float(spread[k])} for k, name in enumerate(CHEXPERT_OBSERVATIONS)}
+
+
 def nlg_and_ce(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """BLEU-4, METEOR, ROUGE-L and CE precision / recall / F1 of generated reports."""
     if len(candidates) != len(references) or not candidates:

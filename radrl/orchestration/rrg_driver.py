@@ -23,7 +23,7 @@ from radrl.data.pairs import image_report_pairs
 from radrl.data.report_pool import iteration_reports
 from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
-from radrl.eval.text_metrics import ce_baselines, ce_per_observation, nlg_and_ce
+from radrl.eval.text_metrics import ce_baselines, ce_f1_changes, ce_per_observation, nlg_and_ce
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.checkpoints import PREFIX, load_checkpoint, save_checkpoint
 from radrl.orchestration.driver import (RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner,
@@ -199,6 +199,7 @@ class RRGTrainer:
         summary["per_report"].update({f"sampled_radcliq_{v}": sampled_scores[f"radcliq_{v}"].tolist()
                                       for v in ("v0", "v1")})
         summary["samples"] = texts[:SAMPLE_REPORTS]
+        summary["per_report"]["texts"] = texts  # for paired comparisons of two evaluations (CE per observation)
         return summary
 
     def iteration_scalars(self, rollouts, scored, rewards, update, seconds, wall) -> dict[str, float]:
@@ -263,6 +264,9 @@ class RRGTrainer:
     # ------------------------------------------------------------------ results
 
     def write_results(self, results: dict) -> None:
+        texts = [results[stage]["per_report"].get("texts") for stage in ("supervised", "cqrl")]
+        if all(texts):  # (a supervised evaluation taken from a checkpoint written before texts were kept has none)
+            results["ce_f1_change"] = ce_f1_changes(*texts, list(self.eval_set.reports))
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         (self.run_dir / "results.md").write_text(format_results_table(results) + "\n\n" + format_samples(
             results, list(self.eval_set.reports)) + "\n")
@@ -351,17 +355,20 @@ def format_results_table(results: dict) -> str:
     lines.append("")
     lines.append("RadCliQ backends: " + "; ".join(f"{k} = {v}" for k, v in names.items())
                  + (". Offline stand-ins, not the official RadCliQ." if "rule" in names["radgraph"] else "."))
-    baselines = results["baselines"]
+    baselines, changes = results["baselines"], results.get("ce_f1_change", {})
     lines += ["", "| CE F1, greedy (held-out positives) | always \"normal\" | most common train report | supervised "
-              "| after CQRL |", "|---|---|---|---|---|",
+              "| after CQRL | change (± paired bootstrap s.e.) |", "|---|---|---|---|---|---|",
               f"| example-based | {baselines['always_normal']['ce_f1']:.3f} | "
-              f"{baselines['most_common_train']['ce_f1']:.3f} | {before['ce_f1']:.3f} | {after['ce_f1']:.3f} |"]
+              f"{baselines['most_common_train']['ce_f1']:.3f} | {before['ce_f1']:.3f} | {after['ce_f1']:.3f} | |"]
     for name, value in before["ce_per_observation"].items():
         if value["positives"]:
             cells = [baselines["always_normal"]["ce_per_observation"][name]["f1"],
                      baselines["most_common_train"]["ce_per_observation"][name]["f1"], value["f1"],
                      after["ce_per_observation"][name]["f1"]]
-            lines.append(f"| {name} ({value['positives']}) | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+            change = changes.get(name)
+            shown = f"{change['change']:+.3f} ± {change['se']:.3f}" if change else ""
+            lines.append(f"| {name} ({value['positives']}) | " + " | ".join(f"{c:.3f}" for c in cells)
+                         + f" | {shown} |")
     return "\n".join(lines)
 
 
