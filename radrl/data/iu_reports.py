@@ -13,7 +13,9 @@ import tarfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -151,5 +153,10 @@ def unseen_reports(reports: Sequence[IUReport], seen: Sequence[IUReport] | None 
     so evaluation keeps only the texts training never read.
     """
     seen = iu_split("train") if seen is None else seen
-    known = {normalized_text(r.text) for r in seen}
-    return [r for r in reports if normalized_text(r.text) not in known]
+    return unseen(reports, [r.text for r in seen], text=lambda r: r.text)
+
+
+def unseen(items: Sequence[T], seen_texts: Iterable[str], text: Callable[[T], str] = str) -> list[T]:
+    """The items (texts, or records whose `text` gives theirs) whose normalised text is none of `seen_texts`."""
+    known = {normalized_text(t) for t in seen_texts}
+    return [item for item in items if normalized_text(text(item)) not in known]

@@ -69,12 +69,11 @@ def _from_records(cfg: DataConfig, split: str, limit: int | None) -> ImageReport
                                  n_train=cfg.n_train if split == "train" else 0,
                                  n_test=cfg.n_test if split == "test" else 0)[split]
     else:
-        from radrl.data.iu_reports import iu_split, load_iu_reports, normalized_text
+        from radrl.data.iu_reports import iu_split, load_iu_reports, unseen
 
         records = [r for r in load_iu_images(cfg.iu_image_dir, load_iu_reports()) if r.split == split]
-        if split == "test":  # held-out means unseen: no test text that the train split also has
-            seen = {normalized_text(r.impression) for r in iu_split("train")}  # iu_xray reports are impressions
-            records = [r for r in records if normalized_text(r.report) not in seen]
+        if split == "test":  # held-out means unseen: no test text the train split has (iu_xray reports: impressions)
+            records = unseen(records, [r.impression for r in iu_split("train")], text=lambda r: r.report)
     records = [records[i] for i in _draw(len(records), limit)]
     images, reports, skipped = [], [], 0
     for record in records:

@@ -14,7 +14,7 @@ def report_pool(cfg: DataConfig, split: str) -> list[str]:
     unseen: a test text whose normalised form (case and whitespace folded) occurs among the training texts is
     dropped (IU splits by report id, yet identical normal texts recur across ids).
     """
-    from radrl.data.iu_reports import normalized_text
+    from radrl.data.iu_reports import unseen
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -30,8 +30,7 @@ def report_pool(cfg: DataConfig, split: str) -> list[str]:
 
         texts, train_texts = [r.text for r in iu_split(split)], [r.text for r in iu_split("train")]
     if split == "test":
-        seen = {normalized_text(t) for t in train_texts}
-        texts = [t for t in texts if normalized_text(t) not in seen]
+        texts = unseen(texts, train_texts)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"no non-empty {split} reports in data source {cfg.source!r}; check the data paths")

@@ -34,9 +34,11 @@ def diagnosis_summary(policy: np.ndarray, anchor: np.ndarray, targets: np.ndarra
     standard error (reports resampled, the same rows for both models), and per class: positives, negatives,
     AUROC, sensitivity and specificity at the operating point, each difference with its paired s.e."""
     summary: dict = {"mean_auroc": None, "per_class": {}}
-    auroc_policy, auroc_anchor = {}, {}
-    if not np.isnan(_mean_auroc(policy, targets, names)):  # some class has both outcomes
-        auroc_policy, auroc_anchor = (per_class_auroc(p, targets, names) for p in (policy, anchor))
+    try:
+        auroc_policy, auroc_anchor = per_class_auroc(policy, targets, names), per_class_auroc(anchor, targets, names)
+    except ValueError:  # no class has both outcomes among these reports
+        auroc_policy, auroc_anchor = {}, {}
+    if auroc_policy:
         rng = np.random.default_rng(seed)
         differences = []
         for _ in range(resamples):

@@ -93,13 +93,12 @@ class DDPOLearner:
                 reports = [batch.reports[i] for i in index]
                 cond, uncond = text_conditions(self.policy, reports)
                 steps = sample_timesteps(eligible, steps_trained, len(index), self.generator)  # [b, steps]
-                rows = torch.arange(len(index))
                 self.optimizer.zero_grad(set_to_none=True)
                 for j in range(steps_trained):
                     step = steps[:, j]  # each sample's own j-th step
                     log_prob = step_log_prob(self.policy, batch, step, cond, uncond, rollout.eta,
                                              rollout.guidance_scale, index=index.to(self.device))
-                    loss, info = ddpo_loss(log_prob, batch.log_probs[index, :][rows, step], advantages[index],
+                    loss, info = ddpo_loss(log_prob, batch.log_probs[index, step], advantages[index],
                                            learner.clip_range, learner.adv_clip_max)
                     (loss / steps_trained).backward()  # gradient accumulated over the trained timesteps
                     stats["loss"].append(float(loss.detach()))
