@@ -9,7 +9,7 @@ from radrl.config import load_config
 from radrl.orchestration.actors import start_roles
 from radrl.orchestration.checkpoints import latest_checkpoint
 from radrl.orchestration.driver import (CXRLTrainer, RunFailed, StaleRolloutError, check_resumable, check_staleness,
-                                       sampling_calls)
+                                       format_results_table, sampling_calls)
 
 
 def small_config(run_dir, **overrides):
@@ -50,6 +50,8 @@ def test_in_process_run_writes_everything_a_user_looks_at(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "r_align" in table and "CLIP cosine" in table and "win rate" in table
     assert "sensitivity" in table and set(results["end"]["diagnosis"]["per_class"]) >= {"Pleural Effusion"}
+    assert "| diagnostic accuracy |" in table  # the paper's r_diag; rewards.diag_metric=balanced is named so
+    assert "| diagnostic balanced accuracy |" in format_results_table({**results, "diag_metric": "balanced"})
     for part in ("align", "diag", "consist", "total"):
         assert results["end"][part]["anchor"] == pytest.approx(results["start"][part]["anchor"])  # frozen anchor
 

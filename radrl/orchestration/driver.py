@@ -233,7 +233,8 @@ class CXRLTrainer:
         if self.last_checkpoint != self.iteration:
             self.checkpoint()
         results = {"iterations": self.iteration, "weight_version": self.weight_version,
-                   "start": self.start_evaluation, "end": end, "paired_variance_ratio": self.paired_noise_report()}
+                   "start": self.start_evaluation, "end": end, "paired_variance_ratio": self.paired_noise_report(),
+                   "diag_metric": self.cfg.rewards.diag_metric}
         self.write_results(results)
         return results
 
@@ -517,7 +518,8 @@ def format_results_table(results: dict) -> str:
     lines = ["| held-out (direct scores) | anchor | policy, start | policy, end | end: policy − anchor (± s.e.) |",
              "|---|---|---|---|---|"]
     start, end = results["start"], results["end"]
-    labels = {"align": "r_align", "diag": "diagnostic accuracy", "consist": "CLIP cosine",
+    diag = "diagnostic balanced accuracy" if results.get("diag_metric") == "balanced" else "diagnostic accuracy"
+    labels = {"align": "r_align", "diag": diag, "consist": "CLIP cosine",
               "total": "total (λ-weighted)"}
     for key, label in labels.items():
         anchor = end[key]["anchor"]
