@@ -104,12 +104,16 @@ def train(
     cfg = _load_config(path, overrides)
     _setup_logging()
     from radrl.models.weights import MissingWeightsError
+    from radrl.orchestration.actors import ClusterTooSmall, ClusterUnreachable
+    from radrl.orchestration.checkpoints import CorruptCheckpoint
     from radrl.orchestration.driver import RunFailed
+    from radrl.orchestration.recovery import StartTimeout
     from radrl.orchestration.run import run_training
 
     try:
         table = run_training(cfg, resume=resume)
-    except (RunFailed, MissingWeightsError, FileNotFoundError) as error:
+    except (RunFailed, MissingWeightsError, FileNotFoundError, ClusterTooSmall, ClusterUnreachable, StartTimeout,
+            CorruptCheckpoint) as error:
         typer.echo(f"radrl train: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(table)

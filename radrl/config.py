@@ -141,6 +141,7 @@ class ModelsConfig(Section):
 class Resources(Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a device")
+    memory_gb: float = Field(0.0, ge=0, description="memory reserved per actor on Ray (0: no reservation)")
 
 
 class RolloutConfig(Section):
@@ -274,12 +275,18 @@ class OrchestrationConfig(Section):
     dashboard: bool = Field(True, description="start the Ray dashboard with a new local Ray instance")
     overlap: bool = Field(False, description="sample iteration k+1 while iteration k is scored and trained: "
                                              "batches one weight version old, so it needs max_staleness ≥ 1")
+    max_failures: int = Field(3, ge=0, description="dead actors replaced in one run before it stops (Ray only)")
+    start_timeout_s: float = Field(600.0, gt=0, description="seconds every actor (or a replacement) may take to "
+                                                            "start before the run stops with what it waits for")
+    run_id: str | None = Field(None, description="Ray namespace and actor-name prefix of the run (default: from "
+                                                 "logging.run_dir), so two runs on one cluster stay apart")
 
 
 class LoggingConfig(Section):
     run_dir: Path = Field(Path("runs/default"), description="TensorBoard events, checkpoints, figures")
     image_every: int = Field(10, ge=1, description="iterations between image grids")
     checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
+    keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept (older ones deleted); 0 keeps all")
     eval_reports: int = Field(32, ge=1, description="held-out reports in the start and end evaluation")
     eval_seed: int = Field(1234, description="noise seed of the evaluation samples (same for every run)")
 

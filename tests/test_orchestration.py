@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from radrl.config import load_config
-from radrl.orchestration.actors import start_roles
+from radrl.orchestration.actors import run_id, start_roles
 from radrl.orchestration.checkpoints import latest_checkpoint
 from radrl.orchestration.driver import (CXRLTrainer, RunFailed, StaleRolloutError, check_resumable, check_staleness,
                                        format_results_table, sampling_calls)
@@ -143,23 +143,26 @@ def test_two_iterations_on_local_ray_with_two_rollout_workers(tmp_path):
                                     "rollout.per_iteration": 4, "logging.eval_reports": 4, "learner.iterations": 2})
     roles = start_roles(cfg)
     try:
-        assert {ray.get_actor(f"radrl-rollout-{i}") for i in range(2)} and ray.get_actor("radrl-learner")
-        assert all(ray.get_actor(f"radrl-reward-{name}-0") for name in ("align", "diag", "consist"))
+        prefix = run_id(cfg)  # the run's namespace and actor-name prefix
+        assert ray.get_runtime_context().namespace == prefix and prefix.startswith(f"radrl-{tmp_path.name}-")
+        assert {ray.get_actor(f"{prefix}-rollout-{i}") for i in range(2)} and ray.get_actor(f"{prefix}-learner")
+        assert all(ray.get_actor(f"{prefix}-reward-{name}-0") for name in ("align", "diag", "consist"))
         trainer = CXRLTrainer(cfg, roles)
         results = trainer.run()
         assert results["iterations"] == 2
-        learner_version = ray.get(roles.learner.publish.remote()).version
+        get = roles.cluster.get
+        learner_version = get(roles.learner.publish.remote()).version
         assert learner_version == 2
-        assert ray.get([w.held_version.remote() for w in roles.workers]) == [2, 2]
+        assert get([w.held_version.remote() for w in roles.workers]) == [2, 2]
         trajectories, rollouts = trainer.sample(trainer.eval_reports, ("check",), with_anchor=False)
-        assert [t.weight_version for t in ray.get(trajectories)] == [2, 2]  # one batch from each worker
+        assert [t.weight_version for t in get(trajectories)] == [2, 2]  # one batch from each worker
         assert [r.weight_version for r in rollouts] == [2, 2]
         assert [h["iteration"] for h in history(tmp_path)] == [1, 2]
 
-        # A dead rollout worker stops the run with a message that says how to continue.
-        ray.kill(roles.workers[1])
-        trainer.cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"iterations": 3})})
-        with pytest.raises(RunFailed, match="resume"):
-            trainer.run()
+        # A rollout worker killed between runs is replaced when its death shows, with the current weights.
+        ray.kill(roles.workers[1].actor)
+        assert get(roles.workers[1].held_version.remote()) == 2  # the weights it held are loaded into it first
+        assert roles.workers[1].generation == 1
+        assert [f["role"] for f in roles.cluster.drain_faults()] == ["rollout-1"]
     finally:
         roles.cluster.shutdown()

@@ -1,16 +1,22 @@
 """Checkpoints: safetensors for tensors, JSON for the rest, each written atomically as one folder.
 
-    <run_dir>/checkpoints/iter_000010/{tensors.safetensors, state.json}
+    <run_dir>/checkpoints/iter_000010/{tensors.safetensors, state.json, checksums.json}
 
 The folder is written under a temporary name, its files flushed to disk (fsync), and renamed into
 place, so a crash mid-write never leaves a half checkpoint that `--resume` would pick up. Replacing
 an existing checkpoint moves the old one aside first and deletes it only once the new one is in
 place; if a crash falls between the two renames, `latest_checkpoint` puts the old one back.
+
+checksums.json holds each file's SHA-256: a truncated or altered file is found on load and named, and
+`valid_checkpoint` (what --resume and learner recovery use) falls back to the newest older checkpoint that is whole.
+Only the newest `logging.keep_checkpoints` are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from radrl.orchestration.faults import fault_point
+
+log = logging.getLogger("radrl")
+
 PREFIX = "iter_"
+FILES = ("tensors.safetensors", "state.json")
+CHECKSUMS = "checksums.json"
 REPLACED = ".replaced-"  # an old checkpoint moved aside while its replacement is renamed in
 
 
@@ -31,8 +43,22 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, torch.Tensor], state: dict) -> Path:
-    """Write checkpoint `iteration` atomically and durably; returns its folder."""
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file is missing, truncated or does not match its checksum."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, torch.Tensor], state: dict,
+                    keep: int = 0, protect: tuple[int, ...] = ()) -> Path:
+    """Write checkpoint `iteration` atomically and durably, with checksums; then delete all but the newest `keep`
+    (0: keep all) and those of the iterations in `protect`. Returns its folder."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{iteration:06d}"
@@ -41,8 +67,10 @@ def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, torch.Tens
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "tensors.safetensors")
+    fault_point("driver", "checkpoint_write")  # fault injection: the process dies with the folder half written
     (staging / "state.json").write_text(json.dumps(state, indent=1))
-    for path in (staging / "tensors.safetensors", staging / "state.json", staging):
+    (staging / CHECKSUMS).write_text(json.dumps({name: _sha256(staging / name) for name in FILES}, indent=1))
+    for path in (*(staging / name for name in (*FILES, CHECKSUMS)), staging):
         _fsync(path)
     if final.exists():  # re-saving the same iteration (e.g. after an interrupted run): the old one aside first
         shutil.rmtree(replaced, ignore_errors=True)
@@ -50,6 +78,11 @@ def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, torch.Tens
     os.replace(staging, final)
     _fsync(root)
     shutil.rmtree(replaced, ignore_errors=True)
+    if keep:
+        kept = {f"{PREFIX}{i:06d}" for i in protect}
+        for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir())[:-keep]:
+            if old.name not in kept:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -69,10 +102,58 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, state) of a checkpoint folder, with a clear error if it is incomplete."""
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CorruptCheckpoint naming the file if one is missing or differs from its recorded SHA-256 (checkpoints
+    written before checksums were kept are checked for presence only)."""
     folder = Path(folder)
-    for name in ("tensors.safetensors", "state.json"):
+    for name in FILES:
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"checkpoint {folder} has no {name}; delete the folder to resume from an older one")
-    return load_file(folder / "tensors.safetensors"), json.loads((folder / "state.json").read_text())
+            raise CorruptCheckpoint(f"checkpoint {folder} has no {name}")
+    if not (folder / CHECKSUMS).is_file():
+        return
+    try:
+        expected = json.loads((folder / CHECKSUMS).read_text())
+    except json.JSONDecodeError as error:
+        raise CorruptCheckpoint(f"checkpoint {folder}: {CHECKSUMS} is not valid JSON ({error})") from None
+    for name, digest in expected.items():
+        if (actual := _sha256(folder / name)) != digest:
+            size = (folder / name).stat().st_size
+            raise CorruptCheckpoint(f"checkpoint {folder}: {name} ({size} bytes) does not match its checksum "
+                                    f"(SHA-256 {actual[:12]}…, recorded {digest[:12]}…): truncated or altered")
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of a checkpoint folder, verified against its checksums; CorruptCheckpoint names the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder {folder}")
+    verify_checkpoint(folder)
+    try:
+        tensors = load_file(folder / "tensors.safetensors")
+    except Exception as error:  # safetensors' own error for a truncated header or body
+        raise CorruptCheckpoint(f"checkpoint {folder}: tensors.safetensors cannot be read ({error})") from None
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except json.JSONDecodeError as error:
+        raise CorruptCheckpoint(f"checkpoint {folder}: state.json is not valid JSON ({error})") from None
+    return tensors, state
+
+
+def valid_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint of a run that loads whole, with its (tensors, state); a corrupt newer one is reported
+    and skipped. None if the run has no checkpoint; CorruptCheckpoint if none of them is whole."""
+    latest_checkpoint(run_dir)  # puts back a checkpoint left aside by a crash mid-replace
+    root = Path(run_dir) / "checkpoints"
+    folders = sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    problems = []
+    for folder in folders:
+        try:
+            tensors, state = load_checkpoint(folder)
+        except CorruptCheckpoint as error:
+            problems.append(str(error))
+            log.warning("%s; falling back to the checkpoint before it", error)
+            continue
+        return folder, tensors, state
+    if problems:
+        raise CorruptCheckpoint("no whole checkpoint to resume from: " + "; ".join(problems))
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,8 @@ from radrl.data.embedded import stable_seed
 from radrl.data.report_pool import iteration_reports, report_pool
 from radrl.eval.diagnosis import diagnosis_summary, format_diagnosis_table
 from radrl.orchestration.actors import Roles
-from radrl.orchestration.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from radrl.orchestration.checkpoints import latest_checkpoint, save_checkpoint, valid_checkpoint
+from radrl.orchestration.recovery import RoleLost
 from radrl.orchestration.tracking import REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY, TOTAL_KEY, WIN_RATE_KEY, RunTracker
 from radrl.reward_actors.anchor_cache import AnchorCache, iteration_noise_seeds, pair_seed
 from radrl.models.classifier import PAPER_CLASSES, chexpert_names
@@ -163,6 +165,7 @@ class CXRLTrainer:
         if resume:
             self.restore()
         self.tracker = RunTracker(self.run_dir, purge_step=self.iteration + 1 if resume else None)
+        self.faults = FaultLog(roles.cluster, self.tracker)
         self.weight_version = self.broadcast()
 
     # ------------------------------------------------------------------ the loop
@@ -216,16 +219,21 @@ class CXRLTrainer:
                 stage = "precompute anchor"
                 self.precompute_anchor()
             while self.iteration < cfg.learner.iterations:
-                stage = "train"
-                scalars = self.train_step()
-                stage = "log"
-                self.tracker.log_scalars(self.iteration, scalars)
-                self.roles.cluster.record(self.iteration, int(scalars["rollout/images"]), scalars[TOTAL_KEY], scalars)
-                log.info(format_progress(self.iteration, cfg.learner.iterations, scalars))
-                if self.iteration % cfg.logging.image_every == 0:
-                    self.log_grid()
-                if self.iteration % cfg.logging.checkpoint_every == 0:
-                    self.checkpoint()
+                try:
+                    stage = "train"
+                    scalars = self.train_step()
+                    stage = "log"
+                    scalars.update(self.faults.log(self.iteration))
+                    self.tracker.log_scalars(self.iteration, scalars)
+                    self.roles.cluster.record(self.iteration, int(scalars["rollout/images"]), scalars[TOTAL_KEY],
+                                              scalars)
+                    log.info(format_progress(self.iteration, cfg.learner.iterations, scalars))
+                    if self.iteration % cfg.logging.image_every == 0:
+                        self.log_grid()
+                    if self.iteration % cfg.logging.checkpoint_every == 0:
+                        self.checkpoint()
+                except RoleLost:
+                    self.recover_learner()
             stage = "evaluate"
             end = self.evaluate()
         except Exception as error:
@@ -408,9 +416,24 @@ class CXRLTrainer:
         tensors, learner_state = self.get(self.roles.learner.state.remote())
         state = {"iteration": self.iteration, "weight_version": self.weight_version, "learner": learner_state,
                  "start_evaluation": self.start_evaluation, "config": self.cfg.model_dump(mode="json")}
-        folder = save_checkpoint(self.run_dir, self.iteration, tensors, state)
+        folder = save_checkpoint(self.run_dir, self.iteration, tensors, state, keep=self.cfg.logging.keep_checkpoints)
         self.last_checkpoint = self.iteration
         return folder
+
+    def recover_learner(self) -> None:
+        """The learner died and a fresh one took its place: load the last checkpoint into it (none yet: the fresh
+        learner is the run's start, its initialisation is seeded), forget what was logged after it, send its weights
+        to the workers, and go on from there. Every iteration is then recorded once, and the run ends with the same
+        iteration count and weight version as one without the fault."""
+        failed_at = self.iteration
+        if valid_checkpoint(self.run_dir) is not None:
+            self.restore()
+        else:
+            self.iteration = self.last_checkpoint = 0
+        self.next_batch, self.loading = None, []
+        self.tracker.rollback(self.iteration)
+        self.weight_version = self.broadcast()
+        self.faults.learner_recovered(self.iteration, failed_at - self.iteration)
 
     def restore(self) -> None:
         folder, state = restore_learner(self.run_dir, self.cfg, self.roles, self.get)
@@ -437,6 +460,34 @@ class CXRLTrainer:
         self.tracker.close()
 
 
+class FaultLog:
+    """Actor failures of a run, as the cluster recovered them: faults.jsonl, a log line, and `faults/...` scalars."""
+
+    def __init__(self, cluster, tracker: RunTracker):
+        self.cluster, self.tracker, self.counts = cluster, tracker, Counter()
+
+    def log(self, iteration: int) -> dict[str, float]:
+        """Write the failures since the last call; returns the cumulative counts as scalars (none before a fault)."""
+        self.record(iteration, self.cluster.drain_faults())
+        return {f"faults/{kind}": float(n) for kind, n in self.counts.items()}
+
+    def record(self, iteration: int, faults: list[dict]) -> None:
+        self.tracker.log_faults(iteration, faults)
+        self.counts.update(f["kind"] for f in faults)
+        self.counts.update(total=len(faults))
+
+    def learner_recovered(self, iteration: int, rolled_back: int) -> None:
+        """The learner's failure, once its replacement has its checkpoint and the workers its weights."""
+        faults = self.cluster.drain_faults()
+        for fault in faults:
+            if fault["kind"] == "learner":
+                fault.update(recovery_s=round(time.perf_counter() - fault.pop("noticed"), 3),
+                             restored_iteration=iteration, iterations_rolled_back=rolled_back)
+                log.warning("learner restored to iteration %d (%d completed iteration(s) to redo) in %.1f s",
+                            iteration, rolled_back, fault["recovery_s"])
+        self.record(iteration, faults)
+
+
 def resume_hint(run_dir: Path) -> str:
     """What a person can do after a failure: resume from the latest checkpoint, if there is one."""
     latest = latest_checkpoint(run_dir)
@@ -460,11 +511,11 @@ def broadcast_weights(roles: Roles, wait: bool = True):
 
 def restore_learner(run_dir: Path, cfg: ExperimentConfig, roles: Roles, get) -> tuple[Path, dict]:
     """Load the run's latest checkpoint into the learner (after checking the config may resume it)."""
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
+    found = valid_checkpoint(run_dir)
+    if found is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir) / 'checkpoints'}; "
                                 "start without --resume (or point logging.run_dir at the run to continue)")
-    tensors, state = load_checkpoint(folder)
+    folder, tensors, state = found
     check_resumable(state["config"], cfg.model_dump(mode="json"))
     get(roles.learner.load_state.remote(tensors, state["learner"]))
     return folder, state

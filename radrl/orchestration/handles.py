@@ -62,6 +62,11 @@ class LocalCluster:
     def put(value) -> LocalRef:
         return LocalRef(value)
 
+    @staticmethod
+    def drain_faults() -> list[dict]:
+        """In-process roles cannot die apart from the process: no faults to report."""
+        return []
+
     def record(self, *args, **kwargs) -> None:
         """In-process runs have no Ray metrics to record (TensorBoard has everything)."""
 

@@ -232,7 +232,9 @@ class RRGTrainer:
                  "config": self.cfg.model_dump(mode="json")}
         # folders are numbered by steps done: supervised epochs, the hand-over evaluation, then iterations
         step = self.epochs_done + (self.supervised_evaluation is not None) + self.iteration
-        folder = save_checkpoint(self.run_dir, step, tensors, state)
+        handover = self.cfg.learner.supervised_epochs + 1  # the supervised stage's result: other runs start from it
+        folder = save_checkpoint(self.run_dir, step, tensors, state, keep=self.cfg.logging.keep_checkpoints,
+                                 protect=(handover,))
         self.last_checkpoint = (self.epochs_done, self.iteration)
         return folder
 

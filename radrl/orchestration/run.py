@@ -6,7 +6,7 @@ import logging
 import time
 
 from radrl.config import ExperimentConfig
-from radrl.orchestration.actors import start_roles
+from radrl.orchestration.actors import run_id, start_roles
 from radrl.orchestration.driver import CXRLTrainer, format_results_table
 from radrl.orchestration import rrg_driver
 
@@ -16,7 +16,8 @@ log = logging.getLogger("radrl")
 def run_training(cfg: ExperimentConfig, resume: bool = False) -> str:
     """Train a config end to end (CXRL, or LM-RRG's supervised + CQRL stages); returns the results table (Markdown)."""
     start = time.perf_counter()
-    mode = "in-process" if cfg.orchestration.local else f"Ray ({cfg.orchestration.address or 'new local instance'})"
+    mode = ("in-process" if cfg.orchestration.local else
+            f"Ray ({cfg.orchestration.address or 'new local instance'}, run id {run_id(cfg)})")
     unit = "images" if cfg.task == "cxrl" else "reports"
     log.info("radrl train (%s): %s, %d rollout worker(s), %d iterations × %d %s, run folder %s", cfg.task,
              mode, cfg.rollout.num_workers, cfg.learner.iterations,

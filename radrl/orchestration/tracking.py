@@ -24,6 +24,7 @@ CXRL_CURVES = (TOTAL_KEY, *(REWARD_KEY.format(name=n, who="rlcf") for n in ("ali
 
 
 HISTORY_FILE = "metrics.jsonl"  # one JSON object of scalars per iteration, in the run folder
+FAULTS_FILE = "faults.jsonl"  # one JSON object per actor failure and its recovery
 
 
 def read_history(path: Path) -> list[dict]:
@@ -39,19 +40,34 @@ class RunTracker:
     def __init__(self, run_dir: Path, purge_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step: a resumed run drops events logged after its checkpoint, so curves do not fork.
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
         self.history_path = self.run_dir / HISTORY_FILE
+        self._open(purge_step)
+
+    def _open(self, purge_step: int | None) -> None:
+        # purge_step: a resumed or rolled-back run drops what was logged after its checkpoint, so each iteration
+        # is recorded once and curves do not fork.
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
         if purge_step is not None and self.history_path.is_file():
             kept = [line for line in self.history_path.read_text().splitlines()
                     if line and json.loads(line)["iteration"] < purge_step]
             self.history_path.write_text("".join(line + "\n" for line in kept))
+
+    def rollback(self, iteration: int) -> None:
+        """Forget everything logged after `iteration` (the learner was restored to it): TensorBoard and history."""
+        self.writer.close()
+        self._open(purge_step=iteration + 1)
 
     def log_scalars(self, iteration: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, iteration)
         with self.history_path.open("a") as f:
             f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
+
+    def log_faults(self, iteration: int, faults: list[dict]) -> None:
+        """Append actor failures and their recovery to faults.jsonl (an event log: never rolled back)."""
+        with (self.run_dir / FAULTS_FILE).open("a") as f:
+            for fault in faults:
+                f.write(json.dumps({"iteration": iteration, **fault}) + "\n")
 
     def history(self) -> list[dict]:
         return read_history(self.history_path)
