@@ -71,8 +71,6 @@ def test_rrg_resume_continues_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_two_rrg_iterations_on_local_ray_with_two_workers(tmp_path):
-    import ray
-
     cfg = small_config(tmp_path, **{"orchestration.local": False, "rollout.num_workers": 2,
                                     "rollout.resources": "{num_cpus: 0.5}", "rewards.resources": "{num_cpus: 0.5}",
                                     "learner.resources": "{num_cpus: 0.5}"})
@@ -80,11 +78,12 @@ def test_two_rrg_iterations_on_local_ray_with_two_workers(tmp_path):
     try:
         trainer = RRGTrainer(cfg, roles)
         results = trainer.run()
-        held = ray.get([worker.held_version.remote() for worker in roles.workers])
+        get = roles.cluster.get  # ray.get, that reruns the work of an actor that died
+        held = get([worker.held_version.remote() for worker in roles.workers])
         assert held == [2, 2] and results["weight_version"] == 2
         trajectories, rollouts = trainer.sample(list(range(8)))
         assert [r.weight_version for r in rollouts] == [2, 2]
-        assert [t.weight_version for t in ray.get(trajectories)] == [2, 2]
-        assert ray.get(roles.learner.publish.remote()).version == 2
+        assert [t.weight_version for t in get(trajectories)] == [2, 2]
+        assert get(roles.learner.publish.remote()).version == 2
     finally:
         roles.cluster.shutdown()

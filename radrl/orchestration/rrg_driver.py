@@ -25,9 +25,10 @@ from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
 from radrl.eval.text_metrics import ce_baselines, ce_f1_changes, ce_per_observation, nlg_and_ce
 from radrl.orchestration.actors import Roles
-from radrl.orchestration.checkpoints import PREFIX, load_checkpoint, save_checkpoint
-from radrl.orchestration.driver import (RunFailed, StageTimer, broadcast_weights, check_staleness, restore_learner,
-                                        resume_hint, sampling_calls)
+from radrl.orchestration.checkpoints import PREFIX, load_checkpoint, save_checkpoint, valid_checkpoint
+from radrl.orchestration.driver import (FaultLog, RunFailed, StageTimer, broadcast_weights, check_staleness,
+                                        restore_learner, resume_hint, sampling_calls)
+from radrl.orchestration.recovery import RoleLost
 from radrl.orchestration.tracking import TIMING_KEY, RunTracker
 from radrl.reward_actors.radcliq import FEATURES
 
@@ -63,6 +64,7 @@ class RRGTrainer:
         self.tracker = RunTracker(self.run_dir, purge_step=self.iteration + 1 if resume else None)
         self.supervised_tracker = RunTracker(self.run_dir / "supervised",
                                              purge_step=self.epochs_done + 1 if resume else None)
+        self.faults = FaultLog(roles.cluster, self.tracker)
 
     # ------------------------------------------------------------------ the loop
 
@@ -104,38 +106,65 @@ class RRGTrainer:
         self.iteration += 1
         return self.iteration_scalars(rollouts, scored, rewards, update, timer.seconds, time.perf_counter() - start)
 
+    def advance(self) -> None:
+        """The next step of the run: a supervised epoch, the hand-over, or a CQRL iteration, logged and checkpointed
+        (self.stage names it for a failure's message)."""
+        cfg = self.cfg
+        if self.epochs_done < cfg.learner.supervised_epochs:
+            self.stage = "supervised"
+            scalars = self.supervised_epoch()
+            scalars.update(self.faults.log(self.epochs_done))
+            self.supervised_tracker.log_scalars(self.epochs_done, scalars)
+            log.info(format_epoch(self.epochs_done, cfg.learner.supervised_epochs, scalars))
+            self.checkpoint()
+            return
+        self.stage = "hand-over"
+        if self.weight_version < 0:
+            self.start_rl()
+        if self.supervised_evaluation is None:
+            self.supervised_evaluation = self.evaluate()
+            log.info("after the supervised stage (held-out, %d images): %s", len(self.eval_set),
+                     format_brief(self.supervised_evaluation))
+            self.checkpoint()
+            return
+        self.stage = "train"
+        scalars = self.train_step()
+        scalars.update(self.faults.log(self.iteration))
+        self.tracker.log_scalars(self.iteration, scalars)
+        self.roles.cluster.record(self.iteration, int(scalars["rollout/reports"]),
+                                  scalars[REWARD.format(name=self.reward_name)], scalars)
+        log.info(format_progress(self.iteration, cfg.learner.iterations, scalars, self.reward_name))
+        if self.iteration % cfg.logging.checkpoint_every == 0:
+            self.checkpoint()
+
+    def recover_learner(self) -> None:
+        """The learner died and a fresh one took its place: load the last checkpoint into it (none yet: the fresh
+        learner is the run's seeded start), forget what was logged after it, and go on from there (see
+        CXRLTrainer.recover_learner)."""
+        failed_at = self.epochs_done + self.iteration
+        if valid_checkpoint(self.run_dir) is not None:
+            self.restore()
+        else:
+            self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
+            self.supervised_evaluation, self.weight_version = None, -1
+        self.tracker.rollback(self.iteration)
+        self.supervised_tracker.rollback(self.epochs_done)
+        self.faults.learner_recovered(self.iteration, failed_at - self.epochs_done - self.iteration)
+
     def run(self) -> dict:
         """Supervised epochs, then CQRL iterations (from a resumed checkpoint if any); returns both evaluations."""
-        cfg, stage = self.cfg, "supervised"
+        cfg, self.stage = self.cfg, "supervised"
         try:
-            while self.epochs_done < cfg.learner.supervised_epochs:
-                scalars = self.supervised_epoch()
-                self.supervised_tracker.log_scalars(self.epochs_done, scalars)
-                log.info(format_epoch(self.epochs_done, cfg.learner.supervised_epochs, scalars))
-                self.checkpoint()
-            stage = "hand-over"
-            if self.weight_version < 0:
-                self.start_rl()
-            if self.supervised_evaluation is None:
-                stage = "evaluate"
-                self.supervised_evaluation = self.evaluate()
-                log.info("after the supervised stage (held-out, %d images): %s", len(self.eval_set),
-                         format_brief(self.supervised_evaluation))
-                self.checkpoint()
-            while self.iteration < cfg.learner.iterations:
-                stage = "train"
-                scalars = self.train_step()
-                stage = "log"
-                self.tracker.log_scalars(self.iteration, scalars)
-                self.roles.cluster.record(self.iteration, int(scalars["rollout/reports"]),
-                                          scalars[REWARD.format(name=self.reward_name)], scalars)
-                log.info(format_progress(self.iteration, cfg.learner.iterations, scalars, self.reward_name))
-                if self.iteration % cfg.logging.checkpoint_every == 0:
-                    self.checkpoint()
-            stage = "evaluate"
+            while (self.epochs_done < cfg.learner.supervised_epochs or self.supervised_evaluation is None
+                   or self.iteration < cfg.learner.iterations):
+                try:
+                    self.advance()
+                except RoleLost:
+                    self.recover_learner()
+            self.stage = "evaluate"
             end = self.evaluate() if self.iteration else self.supervised_evaluation  # no CQRL: the same model
         except Exception as error:
-            raise RunFailed(self.failure_message(error, stage)) from error
+            raise RunFailed(self.failure_message(error, self.stage)) from error
         if self.last_checkpoint != (self.epochs_done, self.iteration):
             self.checkpoint()
         results = {"task": "rrg", "iterations": self.iteration, "supervised_epochs": self.epochs_done,
