@@ -302,8 +302,26 @@ def diffusion_quality(models, classifier, posture, pairs: list[EmbeddedPair], re
     return result
 
 
-def run_bootstrap(out_dir: Path = EMBEDDED_DIR, plan: BootstrapPlan = BootstrapPlan(), seed: int = 0) -> dict:
-    """Train and write every tiny model, then measure the quality report from the written files."""
+WRITTEN = ("quality.json", "classifier.safetensors", "posture.safetensors", "clip", "decoder", "diffusion", "tokenizer")
+
+
+def check_replaceable(out_dir: Path, force: bool = False) -> None:
+    """Refuse to replace a folder that bootstrap did not write (it would be deleted) unless `force`."""
+    out_dir = Path(out_dir)
+    if force or not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    if out_dir.is_dir() and all((out_dir / name).exists() for name in WRITTEN):
+        return  # an earlier bootstrap's models: replaced once the new ones are written
+    raise FileExistsError(f"bootstrap --out {out_dir}: the folder exists and does not hold bootstrap's models (no "
+                          f"{', '.join(n for n in WRITTEN if not (out_dir / n).exists())}); it would be replaced. "
+                          "Choose another folder, or pass --force to replace it")
+
+
+def run_bootstrap(out_dir: Path = EMBEDDED_DIR, plan: BootstrapPlan = BootstrapPlan(), seed: int = 0,
+                  force: bool = False) -> dict:
+    """Train and write every tiny model, then measure the quality report from the written files. A folder at
+    `out_dir` that bootstrap did not write is refused unless `force`."""
+    check_replaceable(out_dir, force)
     start = time.time()
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -22,6 +22,7 @@ def bootstrap(
     out: Annotated[Path | None, typer.Option(help="where to write the models (default: inside the package)")] = None,
     quick: Annotated[bool, typer.Option(help="a tiny smoke-test plan (seconds, useless models)")] = False,
     seed: int = 0,
+    force: Annotated[bool, typer.Option(help="replace OUT even if bootstrap did not write it")] = False,
     operating_points: Annotated[bool, typer.Option(
         help="only refit the classifier's operating points (Youden's J on validation phantoms) and remeasure the "
              "quality report of the models already in OUT")] = False,
@@ -38,7 +39,11 @@ def bootstrap(
         quality |= measure_quality(folder, plan, seed)  # keeps the training time of the models
         (folder / "quality.json").write_text(json.dumps(quality, indent=2))
     else:
-        quality = run_bootstrap(out or EMBEDDED_DIR, plan, seed)
+        try:
+            quality = run_bootstrap(out or EMBEDDED_DIR, plan, seed, force)
+        except FileExistsError as error:
+            typer.echo(f"radrl bootstrap: {error}", err=True)
+            raise typer.Exit(1) from None
     typer.echo(format_quality(quality))
 
 

@@ -219,6 +219,9 @@ class LearnerConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    max_nonfinite_fraction: float = Field(0.25, ge=0, le=1, description=(
+        "samples of an iteration whose reward or recorded log-prob is NaN/inf are dropped from the update and "
+        "counted; above this fraction the run stops instead"))
     inner_epochs: int = Field(1, ge=1)
     clip_range: float = Field(1e-4, gt=0, description="PPO clip on the importance ratio (DDPO)")
     adv_clip_max: float = Field(5.0, gt=0)

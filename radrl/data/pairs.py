@@ -25,6 +25,7 @@ class ImageReportSet:
     images: np.ndarray
     reports: tuple[str, ...]
     labels: np.ndarray
+    skipped: int = 0  # pairs left out when read: unreadable (missing, corrupt) image or empty report
 
     def __len__(self) -> int:
         return len(self.reports)
@@ -92,4 +93,4 @@ def _from_records(cfg: DataConfig, split: str, limit: int | None) -> ImageReport
                     len(records))
     if not reports:
         raise ValueError(f"no usable {split} image–report pairs in data source {cfg.source!r}; check the data paths")
-    return ImageReportSet(np.stack(images), tuple(reports), label_reports(reports))
+    return ImageReportSet(np.stack(images), tuple(reports), label_reports(reports), skipped)

@@ -43,6 +43,18 @@ def check_update_batch(rewards: np.ndarray, count: int, batch_version: int, lear
     return rewards
 
 
+def finite_rows(rewards: np.ndarray, log_probs: np.ndarray, max_fraction: float) -> np.ndarray:
+    """Boolean [B]: the samples whose reward and recorded log-probs [B, T] are all finite (the others are dropped
+    from the update). More than `max_fraction` of the batch non-finite: ValueError, before anything is trained."""
+    keep = np.isfinite(rewards) & np.isfinite(log_probs).all(axis=1)
+    bad = int((~keep).sum())
+    if bad > max_fraction * len(keep):
+        raise ValueError(f"{bad} of {len(keep)} samples have a non-finite reward or log-prob, more than "
+                         f"learner.max_nonfinite_fraction = {max_fraction}; nothing was trained on this batch. "
+                         "A reward model or the sampler diverged: check the reward models' weights, lower learner.lr")
+    return keep
+
+
 def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     """(r − mean) / (std + 1e-6) over the whole batch."""
     rewards = np.asarray(rewards, dtype=np.float64)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from radrl.config import ExperimentConfig
-from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, check_update_batch, ddpo_loss
+from radrl.learner.ddpo import PerPromptStatTracker, batch_advantages, check_update_batch, ddpo_loss, finite_rows
 from radrl.learner.state import load_training_state, training_state
 from radrl.models.diffusion_policy import PublishedWeights
 from radrl.rollout.ddim import check_log_probs_defined
@@ -73,9 +73,13 @@ class DDPOLearner:
         batch = concat_trajectories(list(trajectories)).to(self.device)
         rewards = check_update_batch(rewards, len(batch.reports), batch.weight_version, self.version,
                                      self.cfg.orchestration.max_staleness)
+        keep = finite_rows(rewards, batch.log_probs.cpu().numpy(), self.cfg.learner.max_nonfinite_fraction)
+        dropped = int((~keep).sum())
+        if dropped:
+            batch, rewards = batch.select(torch.as_tensor(keep)), rewards[keep]
         snapshot = self.state()
         try:
-            return self._update(batch, rewards)
+            return {**self._update(batch, rewards), "dropped_nonfinite": dropped}
         except FloatingPointError:
             self.load_state(*snapshot)
             raise

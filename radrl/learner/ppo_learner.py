@@ -13,7 +13,7 @@ import torch
 from radrl.config import ExperimentConfig
 from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.data.pairs import ImageReportSet
-from radrl.learner.ddpo import check_update_batch
+from radrl.learner.ddpo import check_update_batch, finite_rows
 from radrl.learner.ppo import adaptive_lambda_kl, group_advantages, ppo_loss
 from radrl.learner.state import load_training_state, training_state
 from radrl.models.diffusion_policy import PublishedWeights
@@ -201,10 +201,15 @@ class ReportLearner:
         batch = concat_report_trajectories(list(trajectories))
         rewards = check_update_batch(rewards, len(batch.references), batch.weight_version, self.version,
                                      self.cfg.orchestration.max_staleness)
+        log_probs = torch.cat([batch.log_probs, batch.ref_log_probs], dim=1).numpy()
+        keep = finite_rows(rewards, log_probs, self.cfg.learner.max_nonfinite_fraction)
+        dropped = int((~keep).sum())
+        if dropped:
+            batch, rewards = batch.select(keep), rewards[keep]
         lora = {name: tensor.clone() for name, tensor in self.policy.rl_state().items()}
         snapshot, threshold = training_state(self.optimizer, self.generator, None, self.version), self.kl_threshold
         try:
-            return self._update(batch, rewards)
+            return {**self._update(batch, rewards), "dropped_nonfinite": dropped}
         except FloatingPointError:
             self.policy.load_rl_state(lora)
             self.version = load_training_state(self.optimizer, self.generator, None, *snapshot, self.device)

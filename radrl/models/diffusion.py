@@ -46,6 +46,11 @@ class DiffusionModels:
         device = self.text_encoder.device
         return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state
 
+    def truncated(self, reports: list[str]) -> int:
+        """How many reports are longer than the text encoder reads (encode_reports keeps their first tokens)."""
+        lengths = self.tokenizer(list(reports), truncation=False).input_ids
+        return sum(len(ids) > self.tokenizer.model_max_length for ids in lengths)
+
     @torch.no_grad()
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Denoised samples (pixels or latents) → grayscale images [B, 1, H, W] in [0, 1]."""

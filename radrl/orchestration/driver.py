@@ -30,7 +30,7 @@ from radrl.orchestration.tracking import REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY,
 from radrl.reward_actors.anchor_cache import AnchorCache, iteration_noise_seeds, pair_seed
 from radrl.models.classifier import PAPER_CLASSES, chexpert_names
 from radrl.reward_actors.rewards import report_targets
-from radrl.reward_actors.rlcf import (COMPONENTS, anchor_reference, check_finite, combine, paired_variance_ratio,
+from radrl.reward_actors.rlcf import (COMPONENTS, anchor_reference, combine, paired_variance_ratio,
                                      weights)
 
 log = logging.getLogger("radrl")
@@ -312,10 +312,6 @@ class CXRLTrainer:
         policy = {name: np.concatenate([s.policy for s in results]) for name, results in scored.items()}
         has_anchor = rollouts[0].anchor_images is not None
         anchor = {name: np.concatenate([s.anchor for s in results]) for name, results in scored.items()} if has_anchor else None
-        for name in scored:
-            check_finite(name, policy[name], reports)
-            if anchor is not None:
-                check_finite(f"{name} (anchor)", anchor[name], anchor_reports)
         diagnosis = None
         if "diag" in scored and scored["diag"][0].policy_probabilities is not None:
             results = scored["diag"]
@@ -344,8 +340,6 @@ class CXRLTrainer:
                    for name, replicas in self.roles.rewards.items()}
         scores = {name: np.concatenate(self.get(refs)) for name, refs in pending.items()}
         reports, seeds = [r for r, _ in pairs], [s for _, s in pairs]
-        for name, values in scores.items():
-            check_finite(f"{name} (anchor)", values, reports)
         self.anchor_cache.store(reports, seeds, scores)
         log.info("anchor scores precomputed for %d (report, seed) pairs in %.0f s", len(pairs),
                  time.perf_counter() - start)
@@ -375,25 +369,28 @@ class CXRLTrainer:
     def iteration_scalars(self, rollouts, scores: Scores, reference, rewards, components, update, seconds,
                           wall) -> dict:
         """Everything logged for one iteration, under namespaced keys."""
-        scalars = {TOTAL_KEY: float(rewards.mean())}
+        # means over the finite values: a sample with a NaN reward is dropped from the update and counted
+        scalars = {TOTAL_KEY: float(np.nanmean(rewards)), "rollout/nonfinite_rewards": float((~np.isfinite(rewards)).sum())}
         paired = scores.anchor_rows if scores.anchor_rows is not None else slice(None)  # rows with their own anchor
         for name in COMPONENTS:
-            scalars[REWARD_KEY.format(name=name, who="policy")] = float(scores.policy[name].mean())
+            scalars[REWARD_KEY.format(name=name, who="policy")] = float(np.nanmean(scores.policy[name]))
             if scores.anchor is not None:
-                scalars[REWARD_KEY.format(name=name, who="anchor")] = float(scores.anchor[name].mean())
+                scalars[REWARD_KEY.format(name=name, who="anchor")] = float(np.nanmean(scores.anchor[name]))
                 scalars[f"rlcf/paired_variance_ratio/{name}"] = paired_variance_ratio(scores.policy[name][paired],
                                                                                       scores.anchor[name])
         for name, values in components.items():
-            scalars[REWARD_KEY.format(name=name, who="rlcf")] = float(values.mean())
+            scalars[REWARD_KEY.format(name=name, who="rlcf")] = float(np.nanmean(values))
         if reference is not None:
             policy_total, anchor_total = direct_total(scores.policy, self.cfg), direct_total(reference, self.cfg)
             scalars[WIN_RATE_KEY] = float(((policy_total > anchor_total) + 0.5 * (policy_total == anchor_total)).mean())
         scalars.update({"loss/policy": update["loss"], "ddpo/approx_kl": update["approx_kl"],
                         "ddpo/clipfrac": update["clipfrac"], "ddpo/grad_norm": update["grad_norm"],
                         "ddpo/advantage_abs": update["advantage_abs"], "ddpo/optimizer_steps": update["optimizer_steps"],
-                        "ddpo/trajectories": update["trajectories"]})
+                        "ddpo/trajectories": update["trajectories"],
+                        "ddpo/dropped_nonfinite": update["dropped_nonfinite"]})
         images = sum(len(r.reports) + (len(r.anchor_images) if r.anchor_images is not None else 0) for r in rollouts)
         scalars["rollout/images"] = float(images)
+        scalars["rollout/truncated_reports"] = float(sum(r.truncated for r in rollouts))
         if self.anchor_cache is not None:
             scalars["anchor/cache_hit_rate"] = self.anchor_cache.hits / max(1, self.anchor_cache.hits + self.anchor_cache.misses)
             scalars["anchor/cache_size"] = float(len(self.anchor_cache))

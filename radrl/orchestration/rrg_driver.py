@@ -171,7 +171,8 @@ class RRGTrainer:
                    "weight_version": self.weight_version, "reward": self.reward_name,
                    "backends": self.get(self.reward_actors[0].backend_names.remote()),
                    "supervised": self.supervised_evaluation, "cqrl": end,
-                   "baselines": ce_baselines(list(self.train.reports), list(self.eval_set.reports))}
+                   "baselines": ce_baselines(list(self.train.reports), list(self.eval_set.reports)),
+                   "skipped_pairs": {"train": self.train.skipped, "test": self.eval_set.skipped}}
         self.write_results(results)
         return results
 
@@ -232,10 +233,11 @@ class RRGTrainer:
         return summary
 
     def iteration_scalars(self, rollouts, scored, rewards, update, seconds, wall) -> dict[str, float]:
-        scalars = {REWARD.format(name=self.reward_name): float(rewards.mean())}
+        scalars = {REWARD.format(name=self.reward_name): float(np.nanmean(rewards)),
+                   "rollout/nonfinite_rewards": float((~np.isfinite(rewards)).sum())}
         for name in ("radcliq_v0", "radcliq_v1", *FEATURES):
             values = np.concatenate([s.scores[name] for s in scored])
-            scalars[f"radcliq/{name.removeprefix('radcliq_')}"] = float(values.mean())
+            scalars[f"radcliq/{name.removeprefix('radcliq_')}"] = float(np.nanmean(values))
         lengths = [len(text.split()) for r in rollouts for text in r.reports]
         scalars["rollout/words_per_report"] = float(np.mean(lengths))
         scalars["rollout/empty_reports"] = float(sum(n == 0 for n in lengths))
@@ -400,6 +402,9 @@ def format_results_table(results: dict) -> str:
             shown = f"{change['change']:+.3f} ± {change['se']:.3f}" if change else ""
             lines.append(f"| {name} ({value['positives']}) | " + " | ".join(f"{c:.3f}" for c in cells)
                          + f" | {shown} |")
+    if skipped := results.get("skipped_pairs"):
+        lines += ["", f"Data: skipped {skipped['train']} training and {skipped['test']} held-out image–report pairs "
+                      "(unreadable image or empty report; the log names each)."]
     return "\n".join(lines)
 
 

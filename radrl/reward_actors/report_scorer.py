@@ -11,7 +11,6 @@ from radrl.config import ExperimentConfig
 from radrl.data.report_pool import report_pool
 from radrl.eval.text_metrics import sentence_bleu4
 from radrl.reward_actors.radcliq import FEATURES, RadCliQScorer, radcliq
-from radrl.reward_actors.rlcf import check_finite
 from radrl.rollout.report_worker import ReportRollout
 from radrl.rollout.worker import device_for
 
@@ -50,14 +49,14 @@ class ReportRewardScorer:
         return dict(self.radcliq.names)
 
     def score(self, rollout: ReportRollout) -> ScoredReports:
-        """Rewards of rollout.reports against rollout.references; non-finite values are refused."""
+        """Rewards of rollout.reports against rollout.references (a non-finite one is dropped from the update by
+        the learner and counted)."""
         start = time.perf_counter()
         scores = self.radcliq.score(rollout.reports, rollout.references)
         if self.name == "radcliq":
             rewards = self.empty_radcliq - scores[f"radcliq_{self.version}"]
         else:
             rewards = np.array([sentence_bleu4(c, r) for c, r in zip(rollout.reports, rollout.references)])
-        check_finite(self.name, rewards, list(rollout.references))
         return ScoredReports(self.name, rewards, scores, time.perf_counter() - start)
 
     def evaluate(self, candidates: list[str], references: list[str]) -> dict[str, np.ndarray]:

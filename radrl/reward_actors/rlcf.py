@@ -19,24 +19,10 @@ COMPONENTS = ("align", "diag", "consist")
 COMPARATIVE = frozenset({"diag", "consist"})
 
 
-class NonFiniteRewardError(ValueError):
-    """A reward model returned NaN or inf."""
-
-
 def weights(cfg: RewardsConfig) -> dict[str, float]:
     """λ of every reward that is switched on, by name."""
     all_weights = {"align": cfg.lambda_align, "diag": cfg.lambda_diag, "consist": cfg.lambda_consist}
     return {name: w for name, w in all_weights.items() if w > 0}
-
-
-def check_finite(name: str, scores: np.ndarray, reports: list[str]) -> None:
-    """Fail loudly, naming the reward and a report, if any score is NaN or inf."""
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if bad.size:
-        raise NonFiniteRewardError(
-            f"reward '{name}' returned {bad.size} non-finite score(s), first for report {reports[bad[0]]!r}; "
-            "check that reward model's weights and inputs (nothing was trained on this batch)"
-        )
 
 
 def anchor_reference(reports: list[str], anchor: dict[str, np.ndarray], rows: list[int] | None,

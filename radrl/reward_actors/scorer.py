@@ -41,7 +41,7 @@ class RewardScorer:
         if rollout.anchor_images is not None:
             rows = range(len(reports)) if rollout.anchor_rows is None else rollout.anchor_rows
             images, reports = torch.cat([images, rollout.anchor_images]), reports + [reports[i] for i in rows]
-        scores, info = self.reward(images, reports, {"weight_version": rollout.weight_version})
+        scores, info = self.finite_scores(images, reports, {"weight_version": rollout.weight_version})
         n = len(rollout.reports)
         anchor = scores[n:] if rollout.anchor_images is not None else None
         probabilities = info.get("probabilities")
@@ -52,4 +52,24 @@ class RewardScorer:
 
     def score_images(self, images: torch.Tensor, reports: list[str]) -> np.ndarray:
         """Direct scores of any images of the reports (e.g. anchor images sampled ahead of training)."""
-        return self.reward(images, list(reports), None)[0] if len(reports) else np.zeros(0)
+        return self.finite_scores(images, list(reports), None)[0] if len(reports) else np.zeros(0)
+
+    def finite_scores(self, images: torch.Tensor, reports: list[str], context) -> tuple[np.ndarray, dict]:
+        """The reward of each image; NaN (and NaN probabilities) where it cannot be scored: an image that holds NaN
+        or inf (a diverged sampler), or an empty report. The learner drops those samples and counts them
+        (learner.max_nonfinite_fraction) instead of the run stopping."""
+        valid = (torch.isfinite(images).flatten(1).all(dim=1).cpu().numpy()
+                 & np.array([bool(r.strip()) for r in reports], dtype=bool))
+        if valid.all():
+            return self.reward(images, reports, context)
+        rows = np.flatnonzero(valid)
+        scores = np.full(len(reports), np.nan)
+        info: dict = {}
+        if rows.size:
+            scores[rows], info = self.reward(images[torch.as_tensor(rows)], [reports[i] for i in rows], context)
+        if "probabilities" in info or self.name == "diag":
+            probabilities = np.full((len(reports), len(self.reward.class_names)), np.nan)
+            if rows.size:
+                probabilities[rows] = info["probabilities"]
+            info = {**info, "probabilities": probabilities}
+        return scores, info

@@ -28,6 +28,13 @@ class ReportTrajectory:
     groups: tuple[int, ...]  # the image each report was sampled for (training-set index): the advantage group
     weight_version: int
 
+    def select(self, keep: np.ndarray) -> ReportTrajectory:
+        """The reports where the boolean mask `keep` is true."""
+        rows = torch.as_tensor(np.flatnonzero(keep))
+        return ReportTrajectory(self.images[rows], self.tokens[rows], self.mask[rows], self.log_probs[rows],
+                                self.ref_log_probs[rows], tuple(self.references[i] for i in rows.tolist()),
+                                tuple(self.groups[i] for i in rows.tolist()), self.weight_version)
+
 
 @dataclass(frozen=True)
 class ReportRollout:

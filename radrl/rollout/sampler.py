@@ -22,6 +22,13 @@ class DiffusionTrajectory:
     images: torch.Tensor  # [B, 1, H, W] in [0, 1]
     weight_version: int
 
+    def select(self, rows) -> DiffusionTrajectory:
+        """The chains of `rows` (indices or a boolean mask) only."""
+        rows = torch.as_tensor(rows)
+        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
+        return replace(self, reports=tuple(self.reports[int(i)] for i in rows), latents=self.latents[rows.to(self.latents.device)],
+                       log_probs=self.log_probs[rows.to(self.log_probs.device)], images=self.images[rows.to(self.images.device)])
+
     def to(self, device) -> DiffusionTrajectory:
         """The same trajectory with its tensors on `device`."""
         return replace(self, latents=self.latents.to(device), timesteps=self.timesteps.to(device),

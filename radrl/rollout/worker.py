@@ -25,6 +25,7 @@ class RolloutImages:
     weight_version: int
     seconds: dict[str, float]  # wall time of the policy and the anchor sampling
     anchor_rows: tuple[int, ...] | None = None  # rows that anchor_images belong to; None = every row
+    truncated: int = 0  # reports longer than the text encoder reads (cut to its first tokens)
 
 
 def device_for(num_gpus: float) -> str:
@@ -123,7 +124,8 @@ class RolloutWorker:
             seconds["anchor"] = time.perf_counter() - start
         trajectory = trajectory.to("cpu")
         view = RolloutImages(tuple(reports), trajectory.images, None if anchor_images is None else anchor_images.cpu(),
-                             self.weight_version, seconds, None if anchor_rows is None else tuple(anchor_rows))
+                             self.weight_version, seconds, None if anchor_rows is None else tuple(anchor_rows),
+                             self.policy.models.truncated(reports))
         return trajectory, view
 
     def anchor_images(self, reports: list[str], row_seeds: list[int]) -> torch.Tensor:
