@@ -121,6 +121,7 @@ def test_a_crash_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr and "iter_000001" in resumed.stderr
     assert [h["iteration"] for h in history(crashed)] == [1, 2, 3]
+    assert not list((crashed / "checkpoints").glob(".tmp-*"))  # the half-written folder was swept
     got = load_file(crashed / "checkpoints" / "iter_000003" / "tensors.safetensors")
     expected = load_file(straight / "checkpoints" / "iter_000003" / "tensors.safetensors")
     assert all(torch.equal(got[k], expected[k]) for k in expected)
@@ -167,3 +168,52 @@ def test_a_cluster_too_small_for_the_roles_fails_fast_with_what_they_need(tmp_pa
     assert "Traceback" not in done.stderr
     print(f"\nFAULT ROW | cluster of 2 CPUs for roles that need 7 | exits 1 with the resources message | "
           f"- | - | - | in {seconds:.1f} s")
+
+
+def test_lm_rrg_recovers_a_dead_learner_mid_supervised_epoch_and_a_dead_worker_mid_sampling(tmp_path, monkeypatch):
+    import test_rrg_orchestration as rrg
+
+    settings = {"orchestration.local": False, "rollout.num_workers": 2, "learner.supervised_epochs": 2,
+                "rollout.resources": "{num_cpus: 0.5}", "rewards.resources": "{num_cpus: 0.5}",
+                "learner.resources": "{num_cpus: 0.5}"}
+    straight = tmp_path / "straight"
+    rrg.train(rrg.small_config(straight, **settings))
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV, "learner:supervised_epoch:2,rollout-0:sample:2")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(markers))
+    run = tmp_path / "run"
+    _, results = rrg.train(rrg.small_config(run, **settings))
+    assert len(list(markers.iterdir())) == 2 and results["weight_version"] == 2 and results["supervised_epochs"] == 2
+    learner, worker = faults_of(run)
+    assert (learner["role"], learner["restored_iteration"]) == ("learner", 0)  # back to the checkpoint of epoch 1
+    assert worker["role"] == "rollout-0" and worker["calls_resubmitted"] >= 1
+    for folder in ("", "supervised"):  # each epoch and iteration recorded once, with the same figures
+        got, expected = rrg.history(run / folder), rrg.history(straight / folder)
+        assert [h["iteration"] for h in got] == [h["iteration"] for h in expected] == [1, 2]
+        for g, e in zip(got, expected):
+            assert all(g[k] == e[k] for k in e if not k.startswith(("timing/", "throughput/", "faults/"))), folder
+    last = sorted((straight / "checkpoints").iterdir())[-1].name
+    got = load_file(run / "checkpoints" / last / "tensors.safetensors")
+    expected = load_file(straight / "checkpoints" / last / "tensors.safetensors")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_past_max_failures_the_run_stops_with_the_resume_hint(tmp_path, monkeypatch):
+    from radrl.orchestration.driver import RunFailed
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV, "rollout-0:sample:3")
+    monkeypatch.setenv(FAULT_DIR_ENV, str(markers))
+    with pytest.raises(RunFailed, match="orchestration.max_failures = 0.*no checkpoint was written yet"):
+        train(small_config(tmp_path / "run", **{**RAY_RUN, "orchestration.max_failures": 0}))
+
+
+def test_an_actor_that_does_not_start_in_time_is_named_with_the_roles_needs(tmp_path):
+    from radrl.orchestration.actors import start_roles
+    from radrl.orchestration.recovery import StartTimeout
+
+    cfg = small_config(tmp_path, **{**RAY_RUN, "orchestration.start_timeout_s": 0.5})  # models take seconds to load
+    with pytest.raises(StartTimeout, match=r"did not start within 0.5 s .*The roles ask for \d+ CPU"):
+        start_roles(cfg)

@@ -160,7 +160,10 @@ def test_two_iterations_on_local_ray_with_two_rollout_workers(tmp_path):
         assert [h["iteration"] for h in history(tmp_path)] == [1, 2]
 
         # A rollout worker killed between runs is replaced when its death shows, with the current weights.
-        ray.kill(roles.workers[1].actor)
+        killed = roles.workers[1].actor
+        ray.kill(killed)
+        with pytest.raises(ray.exceptions.RayActorError):  # once it is dead, a call on the old handle fails
+            ray.get(killed.__ray_ready__.remote(), timeout=60)
         assert get(roles.workers[1].held_version.remote()) == 2  # the weights it held are loaded into it first
         assert roles.workers[1].generation == 1
         assert [f["role"] for f in roles.cluster.drain_faults()] == ["rollout-1"]

@@ -100,7 +100,7 @@ def _start_ray_roles(cfg: ExperimentConfig, classes: RoleClasses) -> Roles:
     if not ready:
         cluster.shutdown()
         raise StartTimeout(f"the learner's resources ({bundle}) were not free within "
-                           f"{cfg.orchestration.start_timeout_s:.0f} s (orchestration.start_timeout_s). "
+                           f"{cfg.orchestration.start_timeout_s:g} s (orchestration.start_timeout_s). "
                            + resource_needs(cfg))
     learner = ledger.role("learner", with_fault_points(classes.learner), (cfg,), {
         **_options(learner_res, f"{prefix}-learner", "learner"),

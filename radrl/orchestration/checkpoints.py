@@ -64,7 +64,8 @@ def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, torch.Tens
     name = f"{PREFIX}{iteration:06d}"
     final, replaced = root / name, root / f"{REPLACED}{name}"
     staging = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # half-written folders of a process that died (one writer per run folder)
+        shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir()
     save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "tensors.safetensors")
     fault_point("driver", "checkpoint_write")  # fault injection: the process dies with the folder half written

@@ -21,7 +21,6 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 log = logging.getLogger("radrl")
 
@@ -45,7 +44,7 @@ class StartTimeout(RuntimeError):
     """An actor did not start within orchestration.start_timeout_s."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its arguments may be arrays
 class RoleCall:
     """One submitted method call: enough to submit it again."""
 
@@ -249,9 +248,6 @@ class CallLedger:
         self.ray.get(ready)  # a constructor that raised raises here
         if waiting:
             late = ", ".join(refs[ref].key for ref in waiting)
-            raise StartTimeout(f"actor(s) {late} did not start within {self.start_timeout_s:.0f} s "
+            raise StartTimeout(f"actor(s) {late} did not start within {self.start_timeout_s:g} s "
                                f"(orchestration.start_timeout_s). {needs}".strip())
 
-
-def describe(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
