@@ -142,6 +142,9 @@ class Resources(Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a device")
     memory_gb: float = Field(0.0, ge=0, description="memory reserved per actor on Ray (0: no reservation)")
+    custom: dict[str, float] = Field(default_factory=dict, description=(
+        "Ray custom resources per actor, e.g. {rollout_node: 0.01} to put a role on the nodes started with "
+        "`ray start --resources '{\"rollout_node\": 8}'`"))
 
 
 class RolloutConfig(Section):

@@ -80,6 +80,8 @@ def _options(resources: Resources, name: str, role: str) -> dict:
     options = dict(name=name, num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, runtime_env={"env_vars": env})
     if resources.memory_gb:
         options["memory"] = int(resources.memory_gb * 2**30)
+    if resources.custom:
+        options["resources"] = dict(resources.custom)
     return options
 
 
@@ -93,7 +95,8 @@ def _start_ray_roles(cfg: ExperimentConfig, classes: RoleClasses) -> Roles:
         cluster.shutdown()
         raise ClusterTooSmall(shortage)
     learner_res = cfg.learner.resources
-    bundle = {k: v for k, v in {"CPU": learner_res.num_cpus, "GPU": learner_res.num_gpus}.items() if v > 0}
+    bundle = {k: v for k, v in {"CPU": learner_res.num_cpus, "GPU": learner_res.num_gpus, **learner_res.custom}.items()
+              if v > 0}
     group = placement_group([bundle or {"CPU": 0.01}], name=f"{prefix}-learner")
     cluster.placement_group = group
     ready, _ = ray.wait([group.ready()], timeout=cfg.orchestration.start_timeout_s)
@@ -148,20 +151,27 @@ def role_requests(cfg: ExperimentConfig) -> dict[str, tuple[int, Resources, str]
 
 
 def _amounts(resources: Resources) -> dict[str, float]:
-    return {"CPU": resources.num_cpus, "GPU": resources.num_gpus, "memory": resources.memory_gb * 2**30}
+    return {"CPU": resources.num_cpus, "GPU": resources.num_gpus, "memory": resources.memory_gb * 2**30,
+            **resources.custom}
 
 
 def _format(amounts: dict[str, float]) -> str:
     parts = [f"{amounts.get('CPU', 0):g} CPU", f"{amounts.get('GPU', 0):g} GPU"]
     if amounts.get("memory"):
-        parts.append(f"{amounts['memory'] / 2**30:.1f} GiB")
+        parts.append(f"{amounts['memory'] / 2**30:.1f} GiB memory")
+    parts += [f"{value:g} {key}" for key, value in amounts.items() if key not in ("CPU", "GPU", "memory") and value]
     return ", ".join(parts)
+
+
+def _kinds(cfg: ExperimentConfig) -> list[str]:
+    """The resource kinds the roles ask for: CPU, GPU, memory and any custom ones."""
+    return ["CPU", "GPU", "memory", *sorted({key for _, res, _ in role_requests(cfg).values() for key in res.custom})]
 
 
 def resource_needs(cfg: ExperimentConfig) -> str:
     """'it asks for 7 CPU, 0 GPU in total (learner 1 × 2 CPU, …)'."""
     requests = role_requests(cfg)
-    total = {key: sum(n * _amounts(res)[key] for n, res, _ in requests.values()) for key in ("CPU", "GPU", "memory")}
+    total = {key: sum(n * _amounts(res).get(key, 0.0) for n, res, _ in requests.values()) for key in _kinds(cfg)}
     roles = "; ".join(f"{kind} {n} × ({_format(_amounts(res))})" for kind, (n, res, _) in requests.items())
     return f"The roles ask for {_format(total)} in total ({roles})."
 
@@ -171,10 +181,10 @@ def resource_shortage(cfg: ExperimentConfig, total: dict[str, float], largest_no
     """What does not fit (a message naming each role's needs, the cluster's totals and the keys to change), or None.
     `total`: the cluster's resources summed over nodes; `largest_node`: the most any one node has of each."""
     requests = role_requests(cfg)
-    needed = {key: sum(n * _amounts(res)[key] for n, res, _ in requests.values()) for key in ("CPU", "GPU", "memory")}
+    needed = {key: sum(n * _amounts(res).get(key, 0.0) for n, res, _ in requests.values()) for key in _kinds(cfg)}
     short = [key for key in needed if needed[key] > total.get(key, 0.0) + 1e-9]
     too_big = [f"one {kind} actor needs {_format(_amounts(res))}" for kind, (n, res, _) in requests.items()
-               if n and any(_amounts(res)[key] > largest_node.get(key, 0.0) + 1e-9 for key in needed)]
+               if n and any(_amounts(res).get(key, 0.0) > largest_node.get(key, 0.0) + 1e-9 for key in needed)]
     if not short and not too_big:
         return None
     problems = [f"not enough {', '.join(short)} in total"] if short else []
@@ -187,7 +197,7 @@ def resource_shortage(cfg: ExperimentConfig, total: dict[str, float], largest_no
 def cluster_capacity(ray) -> tuple[dict[str, float], dict[str, float], int]:
     """(total resources, the most any live node has of each, live nodes) of the connected cluster."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    largest = {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU", "memory")}
+    largest = {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in {k for n in nodes for k in n}}
     return dict(ray.cluster_resources()), largest, len(nodes)
 
 
