@@ -84,6 +84,9 @@ def config(
         typer.echo(str(error), err=True)
         raise typer.Exit(2) from None
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    from radrl.orchestration.actors import resource_needs
+
+    typer.echo(f"# On Ray: {resource_needs(cfg)}")
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cxrl_tiny.yaml"

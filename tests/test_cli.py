@@ -24,6 +24,9 @@ def test_labels_prints_the_agreement_table():
 def test_config_prints_resolved_values_and_rejects_bad_keys():
     ok = runner.invoke(app, ["config", "configs/cxrl_tiny.yaml", "--set", "learner.lr=1e-5"])
     assert ok.exit_code == 0 and "lr: 1.0e-05" in ok.output
+    real = runner.invoke(app, ["config", "configs/cxrl_roentgen_mimic.yaml"])  # the README's cluster table
+    assert "The roles ask for 22 CPU, 4.75 GPU in total (learner 1 × (4 CPU, 1 GPU); rollout 3 × (4 CPU, 1 GPU); " \
+           "rewards 3 × (2 CPU, 0.25 GPU))" in real.output
     bad = runner.invoke(app, ["config", "configs/cxrl_tiny.yaml", "--set", "rollout.num_step=3"])
     assert bad.exit_code == 2 and "rollout.num_step: unknown key; did you mean 'num_steps'?" in bad.output
 
