@@ -89,7 +89,7 @@ def config(
     typer.echo(f"# On Ray: {resource_needs(cfg)}")
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cxrl_tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cxrl_tiny.yaml"  # shipped inside the package
 
 
 @app.command()

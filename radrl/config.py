@@ -435,13 +435,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return result
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # the repository's configs/, inside the installed package
+
+
+def config_path(path: str | Path) -> Path:
+    """`path` if it is a file; else, for a relative path, the shipped config of that file name (so
+    `radrl train configs/rrg_tiny.yaml` works from any folder after `pip install radrl`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and (SHIPPED_CONFIGS / path.name).is_file():
+        return SHIPPED_CONFIGS / path.name
+    shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path} (shipped with radrl, by name from any folder: {shipped})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML config (or the schema defaults if None), apply overrides, validate."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
+        path = config_path(path)
         loaded = yaml.safe_load(path.read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
