@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from radrl.config import load_config
 from radrl.orchestration.actors import run_id, start_roles
@@ -44,7 +45,13 @@ def test_in_process_run_writes_everything_a_user_looks_at(tmp_path):
                 "throughput/images_per_s", "timing/sample", "timing/update", "timing/reward_diag"):
         assert np.isfinite(first[key]), key
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"reward/total", "ddpo/approx_kl", "faults/total"} <= set(tags["scalars"])
+    assert {"hist/reward_total", "hist/advantages"} <= set(tags["histograms"])
+    assert "samples/anchor_vs_policy" in tags["images"] and "config/text_summary" in tags["tensors"]
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")  # the config as hparams
     assert (tmp_path / "grids" / "iter_000000.png").is_file() and (tmp_path / "grids" / "iter_000002.png").is_file()
     assert (tmp_path / "reward_curves.png").is_file()
     table = (tmp_path / "results.md").read_text()

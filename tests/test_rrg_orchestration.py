@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from radrl.config import load_config
 from radrl.orchestration.actors import start_roles
@@ -37,8 +38,15 @@ def history(run_dir):
 
 @pytest.mark.slow
 def test_in_process_rrg_run_writes_both_stages_and_the_table(tmp_path):
-    _, results = train(small_config(tmp_path))
+    _, results = train(small_config(tmp_path, **{"logging.image_every": 1}))
     assert results["supervised_epochs"] == 1 and results["iterations"] == 2 and results["weight_version"] == 2
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0, "histograms": 0})
+    events.Reload()
+    assert {"hist/reward", "hist/advantages"} <= set(events.Tags()["histograms"])
+    texts = set(events.Tags()["tensors"])  # the config, and sampled / greedy reports next to their references
+    assert {"config/text_summary", "reports/sampled/text_summary", "reports/greedy_held_out/text_summary"} <= texts
+    shown = events.Tensors("reports/greedy_held_out/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "| generated | reference |" in shown and "_hparams_/experiment" in events.PluginTagToContent("hparams")
     supervised = [json.loads(line) for line in (tmp_path / "supervised" / "metrics.jsonl").read_text().splitlines()]
     assert supervised[0]["iteration"] == 1 and np.isfinite(supervised[0]["supervised/val_report"])
     first = history(tmp_path)[0]

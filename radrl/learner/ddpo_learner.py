@@ -118,6 +118,7 @@ class DDPOLearner:
         self.version += 1
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
         metrics.update(advantage_abs=float(advantages.abs().mean()), weight_version=self.version,
+                       advantages=advantages.cpu().numpy(),  # for the TensorBoard histogram
                        optimizer_steps=len(stats["grad_norm"]), trajectories=len(batch.reports))
         return metrics
 

@@ -264,6 +264,7 @@ class ReportLearner:
         metrics.update(lambda_kl=float(lambda_kl.mean()), lambda_kl_below_one=float((lambda_kl < 1).mean()),
                        kl_threshold=float(self.kl_threshold) if learner.adaptive_kl else float("nan"),
                        advantage_abs=float(advantages.abs().mean()), zero_variance_groups=zero_variance,
+                       advantages=advantages.cpu().numpy(),  # for the TensorBoard histogram
                        steps_done=steps / planned, optimizer_steps=steps, trajectories=len(rewards),
                        weight_version=self.version)
         return metrics

@@ -48,8 +48,9 @@ class DiffusionModels:
 
     def truncated(self, reports: list[str]) -> int:
         """How many reports are longer than the text encoder reads (encode_reports keeps their first tokens)."""
-        lengths = self.tokenizer(list(reports), truncation=False).input_ids
-        return sum(len(ids) > self.tokenizer.model_max_length for ids in lengths)
+        limit = self.tokenizer.model_max_length
+        lengths = self.tokenizer(list(reports), truncation=True, max_length=limit + 1).input_ids  # one over: cut
+        return sum(len(ids) > limit for ids in lengths)
 
     @torch.no_grad()
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:

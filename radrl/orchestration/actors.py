@@ -215,7 +215,8 @@ def init_ray(address: str | None, num_cpus: int, dashboard: bool, log_to_driver:
             raise ClusterUnreachable(unreachable_message(address, str(error).splitlines()[0])) from None
     else:
         # address="local": a new instance even where `ray start` left a (perhaps dead) cluster's address behind
-        ray.init(address="local", num_cpus=num_cpus, namespace=namespace, include_dashboard=dashboard, log_to_driver=log_to_driver,
+        ray.init(address="local", num_cpus=num_cpus, namespace=namespace, include_dashboard=dashboard,
+                 log_to_driver=log_to_driver,
                  _node_ip_address="127.0.0.1", configure_logging=False)
 
 

@@ -26,7 +26,8 @@ from radrl.eval.diagnosis import diagnosis_summary, format_diagnosis_table
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.checkpoints import latest_checkpoint, save_checkpoint, valid_checkpoint
 from radrl.orchestration.recovery import RoleLost
-from radrl.orchestration.tracking import REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY, TOTAL_KEY, WIN_RATE_KEY, RunTracker
+from radrl.orchestration.tracking import (CXRL_CURVES, REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY, TOTAL_KEY, WIN_RATE_KEY,
+                                         RunTracker)
 from radrl.reward_actors.anchor_cache import AnchorCache, iteration_noise_seeds, pair_seed
 from radrl.models.classifier import PAPER_CLASSES, chexpert_names
 from radrl.reward_actors.rewards import report_targets
@@ -165,6 +166,8 @@ class CXRLTrainer:
         if resume:
             self.restore()
         self.tracker = RunTracker(self.run_dir, purge_step=self.iteration + 1 if resume else None)
+        if not resume:
+            self.tracker.log_config(cfg.model_dump(mode="json"), CXRL_CURVES)
         self.faults = FaultLog(roles.cluster, self.tracker)
         self.weight_version = self.broadcast()
 
@@ -198,6 +201,8 @@ class CXRLTrainer:
 
         with timer("update"):  # 4. DDPO on the learner
             update = self.get(self.roles.learner.update.remote(rewards, *trajectories))
+        self.tracker.log_histograms(self.iteration + 1, {"hist/reward_total": rewards,
+                                                         "hist/advantages": update.pop("advantages")})
 
         with timer("broadcast"):  # 5. new LoRA + ACE to every worker (with overlap: queued behind their sampling)
             self.weight_version = self.broadcast(wait=not cfg.orchestration.overlap)
@@ -370,7 +375,8 @@ class CXRLTrainer:
                           wall) -> dict:
         """Everything logged for one iteration, under namespaced keys."""
         # means over the finite values: a sample with a NaN reward is dropped from the update and counted
-        scalars = {TOTAL_KEY: float(np.nanmean(rewards)), "rollout/nonfinite_rewards": float((~np.isfinite(rewards)).sum())}
+        scalars = {TOTAL_KEY: float(np.nanmean(rewards)),
+                   "rollout/nonfinite_rewards": float((~np.isfinite(rewards)).sum())}
         paired = scores.anchor_rows if scores.anchor_rows is not None else slice(None)  # rows with their own anchor
         for name in COMPONENTS:
             scalars[REWARD_KEY.format(name=name, who="policy")] = float(np.nanmean(scores.policy[name]))

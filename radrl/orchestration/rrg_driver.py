@@ -65,6 +65,8 @@ class RRGTrainer:
         self.supervised_tracker = RunTracker(self.run_dir / "supervised",
                                              purge_step=self.epochs_done + 1 if resume else None)
         self.faults = FaultLog(roles.cluster, self.tracker)
+        if not resume:
+            self.tracker.log_config(cfg.model_dump(mode="json"), CURVES)
 
     # ------------------------------------------------------------------ the loop
 
@@ -99,6 +101,10 @@ class RRGTrainer:
 
         with timer("update"):  # 3. PPO with the adaptive KL on the learner
             update = self.get(self.roles.learner.update.remote(rewards, *trajectories))
+        self.tracker.log_histograms(self.iteration + 1, {"hist/reward": rewards,
+                                                         "hist/advantages": update.pop("advantages")})
+        if (self.iteration + 1) % cfg.logging.image_every == 0:
+            self.log_reports(self.iteration + 1, rollouts)
 
         with timer("broadcast"):  # 4. the new RL LoRA to every worker
             self.weight_version = self.broadcast()
@@ -232,6 +238,17 @@ class RRGTrainer:
         summary["per_report"]["texts"] = texts  # for paired comparisons of two evaluations (CE per observation)
         return summary
 
+    def log_reports(self, iteration: int, rollouts) -> None:
+        """TensorBoard text: this iteration's first sampled reports, and greedy reports of the first held-out images,
+        each next to its reference (every logging.image_every iterations)."""
+        sampled = [(r.reports[i], r.references[i]) for r in rollouts for i in range(len(r.reports))][:SAMPLE_REPORTS]
+        shown = self.eval_set.take(list(range(min(SAMPLE_REPORTS, len(self.eval_set)))))
+        greedy = self.get(self.roles.workers[0].greedy.remote(shown.images))
+        for tag, pairs in (("reports/sampled", sampled), ("reports/greedy_held_out", zip(greedy, shown.reports))):
+            rows = ["| generated | reference |", "|---|---|"]
+            rows += [f"| {text or '(empty)'} | {reference} |".replace("\n", " ") for text, reference in pairs]
+            self.tracker.log_text(iteration, tag, "\n".join(rows))
+
     def iteration_scalars(self, rollouts, scored, rewards, update, seconds, wall) -> dict[str, float]:
         scalars = {REWARD.format(name=self.reward_name): float(np.nanmean(rewards)),
                    "rollout/nonfinite_rewards": float((~np.isfinite(rewards)).sum())}
@@ -241,7 +258,7 @@ class RRGTrainer:
         lengths = [len(text.split()) for r in rollouts for text in r.reports]
         scalars["rollout/words_per_report"] = float(np.mean(lengths))
         scalars["rollout/empty_reports"] = float(sum(n == 0 for n in lengths))
-        scalars.update({f"ppo/{k}": v for k, v in update.items() if k != "weight_version"})
+        scalars.update({f"ppo/{k}": v for k, v in update.items() if k not in ("weight_version", "advantages")})
         reports = sum(len(r.reports) for r in rollouts)
         scalars["rollout/reports"] = float(reports)
         scalars["throughput/reports_per_s"] = reports / wall

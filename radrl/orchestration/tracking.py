@@ -63,6 +63,28 @@ class RunTracker:
         with self.history_path.open("a") as f:
             f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
 
+    def log_config(self, config: dict, metrics: tuple[str, ...]) -> None:
+        """The run's whole config as text, and its flattened values as TensorBoard hparams (the HPARAMS tab then
+        lines runs up against `metrics`, tags this run logs as scalars). Written once, at the start of a run."""
+        import yaml
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+        flat = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+                for key, value in _flatten(config).items()}
+        for summary in hparams(flat, {key: 0.0 for key in metrics}):
+            self.writer.file_writer.add_summary(summary)
+
+    def log_histograms(self, iteration: int, values: dict[str, np.ndarray]) -> None:
+        """One histogram per name (rewards, advantages) at this iteration; non-finite values left out."""
+        for name, array in values.items():
+            array = np.asarray(array, dtype=np.float64)
+            if np.isfinite(array).any():
+                self.writer.add_histogram(name, array[np.isfinite(array)], iteration)
+
+    def log_text(self, iteration: int, tag: str, markdown: str) -> None:
+        self.writer.add_text(tag, markdown, iteration)
+
     def log_faults(self, iteration: int, faults: list[dict]) -> None:
         """Append actor failures and their recovery to faults.jsonl (an event log: never rolled back)."""
         with (self.run_dir / FAULTS_FILE).open("a") as f:
@@ -106,6 +128,16 @@ class RunTracker:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def image_grid_figure(reports: list[str], rows: dict[str, torch.Tensor], title: str):

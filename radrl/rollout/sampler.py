@@ -26,8 +26,10 @@ class DiffusionTrajectory:
         """The chains of `rows` (indices or a boolean mask) only."""
         rows = torch.as_tensor(rows)
         rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
-        return replace(self, reports=tuple(self.reports[int(i)] for i in rows), latents=self.latents[rows.to(self.latents.device)],
-                       log_probs=self.log_probs[rows.to(self.log_probs.device)], images=self.images[rows.to(self.images.device)])
+        return replace(self, reports=tuple(self.reports[int(i)] for i in rows),
+                       latents=self.latents[rows.to(self.latents.device)],
+                       log_probs=self.log_probs[rows.to(self.log_probs.device)],
+                       images=self.images[rows.to(self.images.device)])
 
     def to(self, device) -> DiffusionTrajectory:
         """The same trajectory with its tensors on `device`."""
