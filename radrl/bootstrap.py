@@ -52,6 +52,7 @@ from radrl.models.posture import PostureRegressor, alignment_loss, load_posture,
 from radrl.models.report_lm import DecoderLM, build_decoder, tiny_decoder_config
 from radrl.models.tokenizer import save_tokenizer, train_report_tokenizer
 from radrl.models.weights import EMBEDDED_DIR, save_state
+from radrl.progress import progress, say
 
 QUALITY_GUIDANCE = 3.0  # classifier-free guidance of the quality samples and the sample figure
 QUALITY_SAMPLE_SEED = 6
@@ -84,7 +85,7 @@ class BootstrapPlan:
 
 
 def _log(message: str, start: float) -> None:
-    print(f"[{time.time() - start:7.1f}s] {message}", flush=True)
+    say(f"[{time.time() - start:7.1f}s] {message}")
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -104,7 +105,7 @@ def train_classifier(images, targets, plan: BootstrapPlan, start: float, seed: i
     model = tiny_classifier(resolution=IMAGE_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
-    for epoch in range(plan.classifier_epochs):
+    for epoch in progress(range(plan.classifier_epochs), desc="classifier", unit="epoch"):
         model.train()
         for idx in _batches(len(images), 64, rng):
             loss = F.binary_cross_entropy_with_logits(model(images[idx]), targets[idx])
@@ -130,7 +131,7 @@ def train_posture(images, plan: BootstrapPlan, start: float, seed: int) -> Postu
     model = PostureRegressor("tiny")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
-    for epoch in range(plan.posture_epochs):
+    for epoch in progress(range(plan.posture_epochs), desc="posture", unit="epoch"):
         model.train()
         for idx in _batches(len(images), 64, rng):
             loss = alignment_loss(model, images[idx], canonical)
@@ -165,7 +166,7 @@ def train_clip(
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=plan.clip_lr, weight_decay=0.05)
     rng = np.random.default_rng(seed)
-    for epoch in range(plan.clip_epochs):
+    for epoch in progress(range(plan.clip_epochs), desc="clip", unit="epoch"):
         clip.train()
         for idx in _batches(len(images), 64, rng):
             image_features = clip.encode_images(images[idx])
@@ -210,7 +211,7 @@ def train_decoder(reports: list[str], tokenizer, plan: BootstrapPlan, start: flo
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     optimizer = torch.optim.AdamW(lm.model.parameters(), lr=1e-3, weight_decay=0.01)
     rng = np.random.default_rng(seed)
-    for epoch in range(plan.decoder_epochs):
+    for epoch in progress(range(plan.decoder_epochs), desc="decoder", unit="epoch"):
         lm.model.train()
         for idx in _batches(len(reports), 32, rng):
             out = lm.model(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx], labels=labels[idx])
@@ -246,7 +247,7 @@ def train_diffusion(
     rng = np.random.default_rng(seed)
     models.unet.train()
     models.text_encoder.train()
-    for step in range(plan.diffusion_steps):
+    for step in progress(range(plan.diffusion_steps), desc="diffusion", unit="step"):
         idx = torch.from_numpy(rng.integers(0, len(pairs), plan.diffusion_batch))
         x0 = images[idx] * 2 - 1
         ids = torch.where(torch.rand(len(idx), 1, generator=generator) < 0.1, empty, tokens[idx])

@@ -28,6 +28,7 @@ from radrl.eval.image_metrics import fid, ms_ssim_diversity, per_class_auroc
 from radrl.models.diffusion_policy import PublishedWeights
 from radrl.orchestration.checkpoints import load_checkpoint
 from radrl.orchestration.tracking import image_grid_figure
+from radrl.progress import progress
 from radrl.reward_actors.rewards import ConsistencyReward, DiagnosisReward, PostureReward, report_targets
 from radrl.rollout.worker import RolloutWorker
 
@@ -72,7 +73,8 @@ def evaluation_worker(cfg: ExperimentConfig, checkpoint: Path | None) -> Rollout
 def generate(worker: RolloutWorker, reports: list[str], seed: int, model: str) -> torch.Tensor:
     """One image per report from `model` ('policy' or 'anchor'), batch k seeded by (seed, k): the same noise for both."""
     size, parts = worker.cfg.rollout.batch_size, []
-    for k, start in enumerate(range(0, len(reports), size)):
+    starts = range(0, len(reports), size)
+    for k, start in enumerate(progress(starts, desc=f"sampling {model}", unit="batch")):
         batch, batch_seed = reports[start:start + size], stable_seed("eval", seed, k)
         if model == "anchor":
             with worker.policy.anchor():

@@ -23,6 +23,7 @@ from radrl.data.report_pool import report_pool
 from radrl.eval.text_metrics import nlg_and_ce
 from radrl.models.report_generator import ReportPolicy, build_report_policy
 from radrl.orchestration.checkpoints import load_checkpoint
+from radrl.progress import progress
 from radrl.reward_actors.radcliq import FEATURES, RadCliQScorer, generated_labels
 from radrl.rollout.worker import device_for
 
@@ -61,7 +62,7 @@ def greedy(policy: ReportPolicy, images: np.ndarray, model: str, batch_size: int
     """Greedy reports of `model` ('policy', or 'supervised': the RL LoRA off) for images [N, 1, S, S]."""
     device = next(policy.parameters()).device
     texts = []
-    for start in range(0, len(images), batch_size):
+    for start in progress(range(0, len(images), batch_size), desc=f"greedy reports, {model}", unit="batch"):
         batch = torch.from_numpy(images[start:start + batch_size]).to(device)
         if model == "supervised" and policy.stage == "rl":
             with policy.reference():

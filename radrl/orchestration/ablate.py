@@ -18,6 +18,7 @@ from pathlib import Path
 
 from radrl.config import ExperimentConfig
 from radrl.eval.ablation import Cell, ablation_figure, ablation_tables, grid, run_cell, variant_names
+from radrl.progress import progress
 from radrl.orchestration.actors import init_ray
 
 log = logging.getLogger("radrl")
@@ -86,7 +87,7 @@ def run_ablation(grids: dict[str, ExperimentConfig], seeds: int, out_dir: Path, 
                      cell.key, outcome["seconds"], brief(outcome))
 
     if local:
-        for name, cell in jobs:
+        for name, cell in progress(jobs, desc="ablation cells", unit="cell"):
             try:
                 outcome = cell_task(cell, grids[name], all_cells[name], threads)
             except Exception as error:  # one failed cell must not lose the others
@@ -117,9 +118,10 @@ def run_on_ray(jobs, grids, all_cells, threads, cpus_per_cell, gpus_per_cell, do
             ref = task.options(name=f"radrl-ablate-{name}-{cell.key}").remote(cell, grids[name], all_cells[name],
                                                                               threads, after)
             refs[(name, cell.key)], owners[ref] = ref, (name, cell)
-        remaining = list(owners)
+        remaining, bar = list(owners), progress(desc="ablation cells", total=len(owners), unit="cell")
         while remaining:
             ready, remaining = ray.wait(remaining, num_returns=1)
+            bar.update()
             name, cell = owners[ready[0]]
             try:
                 outcome = ray.get(ready[0])

@@ -37,6 +37,7 @@ from radrl.config import ExperimentConfig, with_overrides
 from radrl.orchestration.actors import start_roles
 from radrl.orchestration.driver import CXRLTrainer
 from radrl.orchestration.tracking import HISTORY_FILE, TOTAL_KEY, read_history
+from radrl.progress import progress
 
 log = logging.getLogger("radrl")
 
@@ -144,6 +145,7 @@ def run_bench(cfg: ExperimentConfig, warmup: int = 1, iterations: int = 3,
         raise ValueError("radrl bench measures the CXRL loop; give a task: cxrl config")
     started = time.perf_counter()
     rounds: list[dict] = []
+    bar = progress(desc="bench settings", total=repeats * len(settings), unit="setting")
     with tempfile.TemporaryDirectory(prefix="radrl-bench-") as scratch:
         for repeat in range(repeats):
             results = {}
@@ -154,6 +156,7 @@ def run_bench(cfg: ExperimentConfig, warmup: int = 1, iterations: int = 3,
                                            iterations)
                 log.info("  %.2f images/s, %.1f s per iteration", results[setting]["images_per_s"],
                          results[setting]["iteration_s"])
+                bar.update()
             rounds.append(results)
     per_round = [figures(results) for results in rounds]
     report = {"device": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
