@@ -113,7 +113,7 @@ def train(
     _setup_logging()
     from radrl.models.weights import MissingWeightsError
     from radrl.orchestration.actors import ClusterTooSmall, ClusterUnreachable
-    from radrl.orchestration.checkpoints import CorruptCheckpoint
+    from radrl.checkpoints import CorruptCheckpoint
     from radrl.orchestration.driver import RunFailed
     from radrl.orchestration.recovery import StartTimeout
     from radrl.orchestration.run import run_training

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from radrl.bootstrap import check_replaceable
 from radrl.cli import app
 from radrl.config import load_config
+from radrl.faults import fault_point
 from radrl.learner.ddpo import finite_rows
 from radrl.learner.ddpo_learner import DDPOLearner
 from radrl.models.weights import EMBEDDED_DIR
 from radrl.orchestration.actors import ClusterUnreachable, check_reachable, resource_shortage
-from radrl.orchestration.faults import fault_point
 from radrl.reward_actors.scorer import RewardScorer
 from radrl.rollout.worker import RolloutWorker
 

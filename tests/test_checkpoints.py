@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from radrl.orchestration import checkpoints
-from radrl.orchestration.checkpoints import (CorruptCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint,
+from radrl import checkpoints
+from radrl.checkpoints import (CorruptCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint,
                                             valid_checkpoint)
 
 

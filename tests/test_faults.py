@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from radrl.orchestration.faults import EXIT_CODE, FAULT_DIR_ENV, FAULT_ENV
+from radrl.faults import EXIT_CODE, FAULT_DIR_ENV, FAULT_ENV
 from test_orchestration import history, small_config, train
 
 pytestmark = pytest.mark.slow

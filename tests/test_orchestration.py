@@ -9,9 +9,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from radrl.config import load_config
+from radrl.checkpoints import check_resumable, latest_checkpoint
 from radrl.orchestration.actors import run_id, start_roles
-from radrl.orchestration.checkpoints import latest_checkpoint
-from radrl.orchestration.driver import (CXRLTrainer, RunFailed, StaleRolloutError, check_resumable, check_staleness,
+from radrl.orchestration.driver import (CXRLTrainer, RunFailed, StaleRolloutError, check_staleness,
                                        format_results_table, sampling_calls)
 
 

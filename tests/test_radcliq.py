@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from radrl.eval.text_metrics import bleu4, clinical_efficacy, meteor, nlg_and_ce, rouge_l, sentence_bleu4
+from radrl.eval.text_metrics import bleu4, clinical_efficacy, meteor, nlg_and_ce, rouge_l
 from radrl.reward_actors.radcliq import (RADCLIQ_CONSTANTS, LocalBertScore, bleu2, graph_f1, label_agreement, radcliq,
-                                         rule_graph)
+                                         rule_graph, sentence_bleu4)
 
 NORMAL = "Heart size is normal. No pleural effusion or pneumothorax. The lungs are clear."
 ABNORMAL = "Moderate cardiomegaly. Small left pleural effusion with adjacent atelectasis."

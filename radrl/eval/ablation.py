@@ -5,7 +5,8 @@
     LM-RRG: w/o CQRL | BLEU-4 reward | fixed λ_KL | full
 
 A cell trains its variant of the config in-process (`orchestration.local`) in its own run
-folder, then evaluates the result with `radrl eval`'s code and writes cell.json. A finished
+folder, then evaluates the result with `radrl eval`'s code and writes cell.json
+(`run_cell` in radrl/orchestration/ablate.py). A finished
 cell (cell.json present) is never redone; an interrupted one resumes from its checkpoint.
 LM-RRG's CQRL variants of a seed start from that seed's "w/o CQRL" cell, its supervised stage.
 The CXRL anchor is frozen and every cell is evaluated on the same noise, so it is evaluated
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,42 +133,6 @@ def variant_names(task: str) -> tuple[str, ...]:
 
 def cell_key(variant: Variant, seed: int) -> str:
     return f"{variant.name}_seed{seed}" if variant.seeded else variant.name
-
-
-def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads: int) -> dict:
-    """Train (resuming if interrupted) and evaluate one cell; returns and writes its cell.json. Idempotent."""
-    import torch
-
-    from radrl.eval.run import run_evaluation
-    from radrl.orchestration.checkpoints import latest_checkpoint
-    from radrl.orchestration.run import run_training
-
-    done = cell.folder / "cell.json"
-    cfg = cell.config(base, cells)
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "orchestration"}  # where it ran: free
-    if done.is_file():
-        result = json.loads(done.read_text())
-        if result.get("config") != settings:
-            raise ValueError(f"{done} holds results of another config; delete {cell.folder} to recompute this cell, "
-                             "or give the ablation another --out")
-        return result
-    torch.set_num_threads(threads)
-    cell.folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    if cell.variant.train:
-        run_training(cfg, resume=latest_checkpoint(cell.folder) is not None)
-    evaluation, _ = run_evaluation(cfg, cell.folder if cell.variant.train else None, (cell.variant.model,),
-                                   cell.folder / "eval")
-    result = {"cell": cell.key, "variant": cell.variant.name, "seed": cell.seed, "model": cell.variant.model,
-              "metrics": evaluation["metrics"][cell.variant.model], "seconds": time.perf_counter() - start,
-              "backends": evaluation.get("backends"), "config": settings}
-    staging = done.with_suffix(f".tmp{os.getpid()}")
-    staging.write_text(json.dumps(result, indent=1))
-    os.replace(staging, done)  # atomic: a cell.json is always complete
-    return result
-
-
-# ---------------------------------------------------------------------------- tables
 
 
 def aggregate(results: list[dict], variant: str, metric: str) -> tuple[float, float, int] | None:

@@ -21,13 +21,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from radrl.checkpoints import load_checkpoint
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.pairs import image_report_pairs
+from radrl.eval.figures import image_grid_figure
 from radrl.eval.image_metrics import fid, ms_ssim_diversity, per_class_auroc
 from radrl.models.diffusion_policy import PublishedWeights
-from radrl.orchestration.checkpoints import load_checkpoint
-from radrl.orchestration.tracking import image_grid_figure
 from radrl.progress import progress
 from radrl.reward_actors.rewards import ConsistencyReward, DiagnosisReward, PostureReward, report_targets
 from radrl.rollout.worker import RolloutWorker

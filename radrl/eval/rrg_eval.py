@@ -16,13 +16,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from radrl.checkpoints import load_checkpoint
 from radrl.config import ExperimentConfig
 from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.data.pairs import image_report_pairs
 from radrl.data.report_pool import report_pool
 from radrl.eval.text_metrics import nlg_and_ce
 from radrl.models.report_generator import ReportPolicy, build_report_policy
-from radrl.orchestration.checkpoints import load_checkpoint
 from radrl.progress import progress
 from radrl.reward_actors.radcliq import FEATURES, RadCliQScorer, generated_labels
 from radrl.rollout.worker import device_for

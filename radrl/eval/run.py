@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from radrl.checkpoints import latest_checkpoint, training_changes
 from radrl.config import ExperimentConfig
-from radrl.orchestration.checkpoints import latest_checkpoint
-from radrl.orchestration.driver import training_changes
 
 MODELS = {"cxrl": ("anchor", "policy"), "rrg": ("supervised", "policy")}
 

@@ -12,19 +12,17 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-from nltk.translate.bleu_score import corpus_bleu
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 
 from radrl.data.iu_reports import normalized_text
 from radrl.data.labeler import label_reports
 from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
-from radrl.reward_actors.radcliq import generated_labels, report_tokens
+from radrl.reward_actors.radcliq import bleu4, generated_labels, report_tokens
 
 
 class _NoWordNet:
@@ -33,19 +31,6 @@ class _NoWordNet:
     @staticmethod
     def synsets(word, *args, **kwargs) -> list:
         return []
-
-
-def bleu4(candidates: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU-4 of the candidates against one reference each."""
-    with warnings.catch_warnings():  # nltk warns (and returns ~1e-155) when no 4-gram matches: that is 0
-        warnings.simplefilter("ignore")
-        score = corpus_bleu([[report_tokens(r)] for r in references], [report_tokens(c) for c in candidates])
-    return float(score) if score > 1e-12 else 0.0
-
-
-def sentence_bleu4(candidate: str, reference: str) -> float:
-    """BLEU-4 of one report (the 'BLEU-4 reward' of the LM-RRG ablation); 0 without a matching 4-gram."""
-    return bleu4([candidate], [reference])
 
 
 def meteor(candidates: Sequence[str], references: Sequence[str]) -> float:

@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from radrl.config import ExperimentConfig
-from radrl.eval.ablation import Cell, ablation_figure, ablation_tables, grid, run_cell, variant_names
-from radrl.progress import progress
+from radrl.eval.ablation import Cell, ablation_figure, ablation_tables, grid, variant_names
 from radrl.orchestration.actors import init_ray
+from radrl.progress import progress
 
 log = logging.getLogger("radrl")
 
@@ -42,6 +42,42 @@ def cell_log(folder: Path):
         handler.close()
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+
+
+def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads: int) -> dict:
+    """Train (resuming if interrupted) and evaluate one cell; returns and writes its cell.json. Idempotent."""
+    import torch
+
+    from radrl.checkpoints import latest_checkpoint
+    from radrl.eval.run import run_evaluation
+    from radrl.orchestration.run import run_training
+
+    done = cell.folder / "cell.json"
+    cfg = cell.config(base, cells)
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "orchestration"}  # where it ran: free
+    if done.is_file():
+        result = json.loads(done.read_text())
+        if result.get("config") != settings:
+            raise ValueError(f"{done} holds results of another config; delete {cell.folder} to recompute this cell, "
+                             "or give the ablation another --out")
+        return result
+    torch.set_num_threads(threads)
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if cell.variant.train:
+        run_training(cfg, resume=latest_checkpoint(cell.folder) is not None)
+    evaluation, _ = run_evaluation(cfg, cell.folder if cell.variant.train else None, (cell.variant.model,),
+                                   cell.folder / "eval")
+    result = {"cell": cell.key, "variant": cell.variant.name, "seed": cell.seed, "model": cell.variant.model,
+              "metrics": evaluation["metrics"][cell.variant.model], "seconds": time.perf_counter() - start,
+              "backends": evaluation.get("backends"), "config": settings}
+    staging = done.with_suffix(f".tmp{os.getpid()}")
+    staging.write_text(json.dumps(result, indent=1))
+    os.replace(staging, done)  # atomic: a cell.json is always complete
+    return result
+
+
+# ---------------------------------------------------------------------------- tables
 
 
 def cell_task(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads: int, after: dict | None = None):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radrl.config import ExperimentConfig, Resources
+from radrl.faults import FAULT_DIR_ENV, FAULT_ENV, ROLE_ENV, with_fault_points
 from radrl.learner.ddpo_learner import DDPOLearner
 from radrl.learner.ppo_learner import ReportLearner
-from radrl.orchestration.faults import FAULT_DIR_ENV, FAULT_ENV, ROLE_ENV, with_fault_points
 from radrl.orchestration.handles import LocalCluster, LocalHandle
 from radrl.orchestration.recovery import CallLedger, StartTimeout
 from radrl.reward_actors.report_scorer import ReportRewardScorer

@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from radrl.checkpoints import check_resumable, latest_checkpoint, save_checkpoint, valid_checkpoint
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.report_pool import iteration_reports, report_pool
 from radrl.eval.diagnosis import diagnosis_summary, format_diagnosis_table
+from radrl.models.classifier import PAPER_CLASSES, chexpert_names
 from radrl.orchestration.actors import Roles
-from radrl.orchestration.checkpoints import latest_checkpoint, save_checkpoint, valid_checkpoint
 from radrl.orchestration.recovery import RoleLost
 from radrl.orchestration.tracking import (CXRL_CURVES, REWARD_KEY, THROUGHPUT_KEY, TIMING_KEY, TOTAL_KEY, WIN_RATE_KEY,
                                          RunTracker)
 from radrl.reward_actors.anchor_cache import AnchorCache, iteration_noise_seeds, pair_seed
-from radrl.models.classifier import PAPER_CLASSES, chexpert_names
 from radrl.reward_actors.rewards import report_targets
 from radrl.reward_actors.rlcf import (COMPONENTS, anchor_reference, combine, paired_variance_ratio,
                                      weights)
@@ -522,33 +522,6 @@ def restore_learner(run_dir: Path, cfg: ExperimentConfig, roles: Roles, get) -> 
     check_resumable(state["config"], cfg.model_dump(mode="json"))
     get(roles.learner.load_state.remote(tensors, state["learner"]))
     return folder, state
-
-
-# Settings a resumed run may change: where and how big it runs, not what it learns.
-RESUMABLE_CHANGES = ("learner.iterations", "orchestration.", "logging.", "evaluation.", "rollout.num_workers",
-                     ".resources.", "rewards.replicas")
-
-
-def training_changes(saved: dict, current: dict) -> str:
-    """The settings (first five, 'key: old → new') in which `current` trains something else than `saved`; '' if none."""
-    def flat(tree, prefix=""):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    old, new = dict(flat(saved)), dict(flat(current))
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-               and not any(k.startswith(p) or p in k for p in RESUMABLE_CHANGES)]
-    return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:5])
-
-
-def check_resumable(saved: dict, current: dict) -> None:
-    """Refuse to resume under a config that changes what is being trained."""
-    if details := training_changes(saved, current):
-        raise ValueError(f"--resume: the config differs from the checkpoint's in what is trained ({details}); "
-                         "resume with the original config or start a new run_dir")
 
 
 def format_brief(summary: dict) -> str:

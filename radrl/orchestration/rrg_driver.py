@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from radrl.checkpoints import PREFIX, load_checkpoint, save_checkpoint, valid_checkpoint
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.pairs import image_report_pairs
@@ -25,7 +26,6 @@ from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
 from radrl.eval.text_metrics import ce_baselines, ce_f1_changes, ce_per_observation, nlg_and_ce
 from radrl.orchestration.actors import Roles
-from radrl.orchestration.checkpoints import PREFIX, load_checkpoint, save_checkpoint, valid_checkpoint
 from radrl.orchestration.driver import (FaultLog, RunFailed, StageTimer, broadcast_weights, check_staleness,
                                         restore_learner, resume_hint, sampling_calls)
 from radrl.orchestration.recovery import RoleLost

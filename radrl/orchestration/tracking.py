@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from radrl.eval.figures import image_grid_figure  # noqa: E402
 
 # Metric keys: one namespace per kind, '<kind>/<name>[/<who>]'.
 REWARD_KEY = "reward/{name}/{who}"  # who = policy | anchor | rlcf
@@ -138,21 +139,3 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def image_grid_figure(reports: list[str], rows: dict[str, torch.Tensor], title: str):
-    """A grid of grayscale images, one row per named set [n, 1, H, W], with wrapped report text above each column."""
-    n = len(reports)
-    figure, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 0.4 + 2.4 * len(rows)), squeeze=False)
-    for row, (name, images) in enumerate(rows.items()):
-        for column in range(n):
-            ax = axes[row][column]
-            ax.imshow(images[column, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[row][0].set_ylabel(name)
-    for column, report in enumerate(reports):
-        axes[0][column].set_title(textwrap.fill(textwrap.shorten(report, 120), 28), fontsize=5.5, loc="left")
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    return figure

@@ -25,12 +25,13 @@ An offline number is never the official metric: result tables name the backends.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
 from radrl.config import RewardsConfig
 from radrl.data.labeler import label_reports
@@ -311,3 +312,15 @@ class RadCliQScorer:
         result.update(radcliq_v0=radcliq(features, "v0"), radcliq_v1=radcliq(features, "v1"))
         return result
 
+
+def bleu4(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-4 of the candidates against one reference each."""
+    with warnings.catch_warnings():  # nltk warns (and returns ~1e-155) when no 4-gram matches: that is 0
+        warnings.simplefilter("ignore")
+        score = corpus_bleu([[report_tokens(r)] for r in references], [report_tokens(c) for c in candidates])
+    return float(score) if score > 1e-12 else 0.0
+
+
+def sentence_bleu4(candidate: str, reference: str) -> float:
+    """BLEU-4 of one report (the 'BLEU-4 reward' of the LM-RRG ablation); 0 without a matching 4-gram."""
+    return bleu4([candidate], [reference])

@@ -9,8 +9,7 @@ import numpy as np
 
 from radrl.config import ExperimentConfig
 from radrl.data.report_pool import report_pool
-from radrl.eval.text_metrics import sentence_bleu4
-from radrl.reward_actors.radcliq import FEATURES, RadCliQScorer, radcliq
+from radrl.reward_actors.radcliq import FEATURES, RadCliQScorer, radcliq, sentence_bleu4
 from radrl.rollout.report_worker import ReportRollout
 from radrl.rollout.worker import device_for
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from radrl.orchestration.faults import fault_point
+from radrl.faults import fault_point
 
 log = logging.getLogger("radrl")
 
@@ -158,3 +158,30 @@ def valid_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict
     if problems:
         raise CorruptCheckpoint("no whole checkpoint to resume from: " + "; ".join(problems))
     return None
+
+
+# Settings a resumed run may change: where and how big it runs, not what it learns.
+RESUMABLE_CHANGES = ("learner.iterations", "orchestration.", "logging.", "evaluation.", "rollout.num_workers",
+                     ".resources.", "rewards.replicas")
+
+
+def training_changes(saved: dict, current: dict) -> str:
+    """The settings (first five, 'key: old → new') in which `current` trains something else than `saved`; '' if none."""
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    old, new = dict(flat(saved)), dict(flat(current))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+               and not any(k.startswith(p) or p in k for p in RESUMABLE_CHANGES)]
+    return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:5])
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume under a config that changes what is being trained."""
+    if details := training_changes(saved, current):
+        raise ValueError(f"--resume: the config differs from the checkpoint's in what is trained ({details}); "
+                         "resume with the original config or start a new run_dir")
