@@ -187,8 +187,15 @@ def test_two_iterations_on_local_ray_with_two_rollout_workers(tmp_path):
         # A rollout worker killed between runs is replaced when its death shows, with the current weights.
         killed = roles.workers[1].actor
         ray.kill(killed)
-        with pytest.raises(ray.exceptions.RayActorError):  # once it is dead, a call on the old handle fails
-            ray.get(killed.__ray_ready__.remote(), timeout=60)
+        deadline = time.time() + 60
+        while time.time() < deadline:  # ray.kill is asynchronous: wait until a call on the old handle fails
+            try:
+                ray.get(killed.__ray_ready__.remote(), timeout=10)
+                time.sleep(0.5)
+            except ray.exceptions.RayActorError:
+                break
+        else:
+            pytest.fail("the killed actor still answers after 60 s")
         assert get(roles.workers[1].held_version.remote()) == 2  # the weights it held are loaded into it first
         assert roles.workers[1].generation == 1
         assert [f["role"] for f in roles.cluster.drain_faults()] == ["rollout-1"]
