@@ -165,16 +165,20 @@ RESUMABLE_CHANGES = ("learner.iterations", "orchestration.", "logging.", "evalua
                      ".resources.", "rewards.replicas")
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {'section.key': value}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def training_changes(saved: dict, current: dict) -> str:
     """The settings (first five, 'key: old → new') in which `current` trains something else than `saved`; '' if none."""
-    def flat(tree, prefix=""):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    old, new = dict(flat(saved)), dict(flat(current))
+    old, new = flatten(saved), flatten(current)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
                and not any(k.startswith(p) or p in k for p in RESUMABLE_CHANGES)]
     return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:5])

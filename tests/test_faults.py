@@ -5,7 +5,6 @@ bit. `pytest tests/test_faults.py -s` prints the measured rows of the README's "
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from radrl.faults import EXIT_CODE, FAULT_DIR_ENV, FAULT_ENV
+from test_cluster import free_port, wait_for_port
 from test_orchestration import history, small_config, train
 
 pytestmark = pytest.mark.slow
@@ -129,12 +129,6 @@ def test_a_crash_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_path
            time.perf_counter() - start)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_cluster_too_small_for_the_roles_fails_fast_with_what_they_need(tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     port = free_port()
@@ -144,13 +138,7 @@ def test_a_cluster_too_small_for_the_roles_fails_fast_with_what_they_need(tmp_pa
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:  # the head's GCS port accepts connections once it is up
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_port(port)  # the head's GCS port accepts connections once it is up
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", "from radrl.cli import app; app()", "train", "--address", address,
                                "--set", f"logging.run_dir={tmp_path / 'run'}"],

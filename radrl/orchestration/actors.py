@@ -168,10 +168,16 @@ def _kinds(cfg: ExperimentConfig) -> list[str]:
     return ["CPU", "GPU", "memory", *sorted({key for _, res, _ in role_requests(cfg).values() for key in res.custom})]
 
 
+def _needed(cfg: ExperimentConfig) -> dict[str, float]:
+    """Each resource kind summed over every actor of every role."""
+    requests = role_requests(cfg).values()
+    return {key: sum(n * _amounts(res).get(key, 0.0) for n, res, _ in requests) for key in _kinds(cfg)}
+
+
 def resource_needs(cfg: ExperimentConfig) -> str:
     """'it asks for 7 CPU, 0 GPU in total (learner 1 × 2 CPU, …)'."""
     requests = role_requests(cfg)
-    total = {key: sum(n * _amounts(res).get(key, 0.0) for n, res, _ in requests.values()) for key in _kinds(cfg)}
+    total = _needed(cfg)
     roles = "; ".join(f"{kind} {n} × ({_format(_amounts(res))})" for kind, (n, res, _) in requests.items())
     return f"The roles ask for {_format(total)} in total ({roles})."
 
@@ -181,7 +187,7 @@ def resource_shortage(cfg: ExperimentConfig, total: dict[str, float], largest_no
     """What does not fit (a message naming each role's needs, the cluster's totals and the keys to change), or None.
     `total`: the cluster's resources summed over nodes; `largest_node`: the most any one node has of each."""
     requests = role_requests(cfg)
-    needed = {key: sum(n * _amounts(res).get(key, 0.0) for n, res, _ in requests.values()) for key in _kinds(cfg)}
+    needed = _needed(cfg)
     short = [key for key in needed if needed[key] > total.get(key, 0.0) + 1e-9]
     too_big = [f"one {kind} actor needs {_format(_amounts(res))}" for kind, (n, res, _) in requests.items()
                if n and any(_amounts(res).get(key, 0.0) > largest_node.get(key, 0.0) + 1e-9 for key in needed)]

@@ -429,7 +429,7 @@ class CXRLTrainer:
         to the workers, and go on from there. Every iteration is then recorded once, and the run ends with the same
         iteration count and weight version as one without the fault."""
         failed_at = self.iteration
-        if valid_checkpoint(self.run_dir) is not None:
+        if latest_checkpoint(self.run_dir) is not None:  # restore() loads the newest whole one
             self.restore()
         else:
             self.iteration = self.last_checkpoint = 0
@@ -470,7 +470,8 @@ class FaultLog:
         self.cluster, self.tracker, self.counts = cluster, tracker, Counter()
 
     def log(self, iteration: int) -> dict[str, float]:
-        """Write the failures since the last call; returns the cumulative counts as scalars (none before a fault)."""
+        """Write the failures since the last call; returns the cumulative counts as scalars (faults/total from the
+        first iteration, faults/<kind> once that kind has failed)."""
         self.record(iteration, self.cluster.drain_faults())
         return {f"faults/{kind}": float(n) for kind, n in self.counts.items()}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from radrl.checkpoints import PREFIX, load_checkpoint, save_checkpoint, valid_checkpoint
+from radrl.checkpoints import PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.pairs import image_report_pairs
@@ -148,7 +148,7 @@ class RRGTrainer:
         learner is the run's seeded start), forget what was logged after it, and go on from there (see
         CXRLTrainer.recover_learner)."""
         failed_at = self.epochs_done + self.iteration
-        if valid_checkpoint(self.run_dir) is not None:
+        if latest_checkpoint(self.run_dir) is not None:  # restore() loads the newest whole one
             self.restore()
         else:
             self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)

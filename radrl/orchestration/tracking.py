@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from radrl.checkpoints import flatten  # noqa: E402
 from radrl.eval.figures import image_grid_figure  # noqa: E402
 
 # Metric keys: one namespace per kind, '<kind>/<name>[/<who>]'.
@@ -72,7 +73,7 @@ class RunTracker:
 
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
         flat = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-                for key, value in _flatten(config).items()}
+                for key, value in flatten(config).items()}
         for summary in hparams(flat, {key: 0.0 for key in metrics}):
             self.writer.file_writer.add_summary(summary)
 
@@ -129,13 +130,3 @@ class RunTracker:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
