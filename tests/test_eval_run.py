@@ -103,6 +103,11 @@ def test_ablate_in_process_keeps_finished_cells_and_reruns_only_missing_ones(tmp
     for name in ("ablation.md", "ablation.json", "ablation.csv", "cxrl/ablation.png"):
         assert (tmp_path / "ablate" / name).is_file(), name
     assert "iter    1/1" in (cells / "full_seed0" / "log.txt").read_text()  # the cell's log went to its file
+    trained = json.loads((cells / "full_seed0" / "cell.json").read_text())["training"]
+    history = json.loads((cells / "full_seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert trained["reward/total"] == pytest.approx(history["reward/total"])  # one iteration: its own value
+    assert json.loads((cells / "anchor" / "cell.json").read_text())["training"] == {}  # the anchor never trains
+    assert "| CXRL (full: LoRA + ACE, RLCF, all rewards) | " in tables.split("### Training logs")[1]
 
     first = json.loads((cells / "full_seed0" / "cell.json").read_text())
     stamp = (cells / "anchor" / "cell.json").stat().st_mtime_ns
@@ -127,3 +132,5 @@ def test_ablate_on_ray_runs_dependent_cells_after_their_supervised_cell(tmp_path
     assert supervised["model"] == "supervised" and full["model"] == "policy"
     assert "supervised stage taken from" in (cells / "full_seed0" / "log.txt").read_text()
     assert "| w/o CQRL (supervised only) |" in tables
+    assert set(full["training"]) >= {"ppo/lambda_kl", "ppo/kl", "ppo/entropy", "reward/radcliq"}
+    assert "| LM-RRG (full: RadCliQ reward, adaptive λ_KL) | " in tables.split("### Training logs")[1]

@@ -166,7 +166,38 @@ def ablation_tables(task: str, results: list[dict], seeds: int) -> str:
         if task == "rrg":
             lines += ["", "The paper gives one RadCliQ without naming its version; it is shown in the v1 column."]
         parts.append("\n".join(lines))
+    training = training_table(task, results)
+    if training:
+        parts.append(training)
     return "\n\n".join(parts)
+
+
+# What each variant's training log shows, averaged over its iterations (cell.json "training"), then over seeds.
+TRAINING_COLUMNS = {"cxrl": (("reward/total", "training reward (total)"),
+                             ("reward/win_rate_vs_anchor", "win rate vs anchor"),
+                             ("ddpo/advantage_abs", "mean |advantage|")),
+                    "rrg": (("reward/radcliq", "reward (RadCliQ)"), ("reward/bleu4", "reward (BLEU-4)"),
+                            ("ppo/lambda_kl", "λ_KL"), ("ppo/kl", "KL to reference (nats/token)"),
+                            ("ppo/entropy", "entropy (nats/token)"))}
+
+
+def training_table(task: str, results: list[dict]) -> str:
+    """Markdown: per variant, each training-log mean over iterations, as mean ± std over seeds ('' if none)."""
+    by_name = {v.name: v for v in variants(task)}
+    rows = [name for name in by_name if any(r["variant"] == name and r.get("training") for r in results)]
+    if not rows:
+        return ""
+    columns = TRAINING_COLUMNS[task]
+    lines = ["### Training logs: each variant's mean over its iterations, mean ± std over seeds", "",
+             "| | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in rows:
+        cells = []
+        for key, _ in columns:
+            values = [r["training"][key] for r in results if r["variant"] == name and key in r.get("training", {})]
+            cells.append(f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.4f}"
+                         if values else "–")
+        lines.append(f"| {by_name[name].label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def ablation_figure(task: str, results: list[dict], path: Path) -> None:

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import time
+
+import numpy as np
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,11 +72,30 @@ def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads
                                    cell.folder / "eval")
     result = {"cell": cell.key, "variant": cell.variant.name, "seed": cell.seed, "model": cell.variant.model,
               "metrics": evaluation["metrics"][cell.variant.model], "seconds": time.perf_counter() - start,
-              "backends": evaluation.get("backends"), "config": settings}
+              "training": training_summary(cell.folder), "backends": evaluation.get("backends"), "config": settings}
     staging = done.with_suffix(f".tmp{os.getpid()}")
     staging.write_text(json.dumps(result, indent=1))
     os.replace(staging, done)  # atomic: a cell.json is always complete
     return result
+
+
+# Scalars of a cell's training log that show what its variant changed (LM-RRG: the KL weight really differs
+# between adaptive and fixed λ_KL; CXRL: the reward the update saw).
+TRAINING_KEYS = ("ppo/lambda_kl", "ppo/kl", "ppo/entropy", "reward/radcliq", "reward/bleu4", "reward/total",
+                 "ddpo/advantage_abs", "reward/win_rate_vs_anchor")
+
+
+def training_summary(folder: Path) -> dict[str, float]:
+    """Mean over the cell's CQRL/DDPO iterations of each TRAINING_KEYS scalar it logged (empty if it did not train)."""
+    from radrl.orchestration.tracking import HISTORY_FILE, read_history
+
+    rows = read_history(folder / HISTORY_FILE)
+    found = {}
+    for key in TRAINING_KEYS:
+        values = [row[key] for row in rows if key in row]
+        if values:
+            found[key] = float(np.mean(values))
+    return found
 
 
 # ---------------------------------------------------------------------------- tables
