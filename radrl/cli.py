@@ -176,6 +176,60 @@ def evaluate(
     typer.echo(f"written to {table.parent}")
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a run folder (its latest checkpoint) or a checkpoint folder")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default <run>/export)")] = None,
+    merged: Annotated[bool, typer.Option(help="LM-RRG: also write the decoder with the LoRA merged in")] = False,
+) -> None:
+    """Export a trained run: CXRL → diffusers LoRA + ACE tokens; LM-RRG → transformers decoder + PEFT adapter +
+    visual weights; each with a model card (README.md) that says how to load it."""
+    from radrl.checkpoints import CorruptCheckpoint
+    from radrl.export import export_run
+    from radrl.models.weights import MissingWeightsError
+
+    try:
+        folder, info = export_run(run, out, merged)
+    except (FileNotFoundError, ValueError, MissingWeightsError, CorruptCheckpoint) as error:
+        typer.echo(f"radrl export: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"exported {info['task']} iteration {info['iteration']} of {info['checkpoint']} to {folder}; "
+               f"how to load it: {folder / 'README.md'}")
+
+
+@app.command()
+def sample(
+    source: Annotated[Path, typer.Argument(help="a run folder, a checkpoint folder or a `radrl export` folder")],
+    report: Annotated[list[str] | None, typer.Option(help="CXRL: a report to draw (repeatable)")] = None,
+    reports_file: Annotated[Path | None, typer.Option(help="CXRL: a text file, one report per line")] = None,
+    image: Annotated[list[Path] | None, typer.Option(help="LM-RRG: an image file or folder (repeatable)")] = None,
+    held_out: Annotated[int, typer.Option(help="also take the first N held-out reports (CXRL) or images (LM-RRG); "
+                                               "with nothing else given: 8")] = 0,
+    anchor: Annotated[bool, typer.Option(help="CXRL: the base model's image beside the policy's (same noise)")] = False,
+    eta: Annotated[float | None, typer.Option(help="CXRL: DDIM η (default: the training config's; 0 = deterministic)")]
+    = None,
+    seed: int = 0,
+    out: Annotated[Path | None, typer.Option(help="output folder (default <source>/samples)")] = None,
+) -> None:
+    """Reports → X-ray images (CXRL) or X-ray images → reports (LM-RRG), with a contact sheet."""
+    from radrl.export.sample import run_sample
+    from radrl.models.weights import MissingWeightsError
+
+    reports = list(report or [])
+    if reports_file:
+        if not reports_file.is_file():
+            typer.echo(f"radrl sample: --reports-file {reports_file} does not exist", err=True)
+            raise typer.Exit(1)
+        reports += [line for line in reports_file.read_text().splitlines() if line.strip()]
+    _setup_logging()
+    try:
+        sheet = run_sample(source, out or source / "samples", reports, list(image or []), held_out, anchor, seed, eta)
+    except (FileNotFoundError, ValueError, MissingWeightsError) as error:
+        typer.echo(f"radrl sample: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {sheet} and the samples beside it")
+
+
 ABLATION_CONFIGS = [DEFAULT_CONFIG.parent / "ablate_rrg_tiny.yaml", DEFAULT_CONFIG.parent / "ablate_cxrl_tiny.yaml"]
 
 

@@ -13,7 +13,8 @@ FORBIDDEN = {
     "rollout": {"reward_actors", "learner", "orchestration", "eval"},
     "reward_actors": {"learner", "orchestration", "eval"},
     "learner": {"orchestration", "eval"},
-    "eval": {"orchestration"},
+    "eval": {"orchestration", "export"},
+    "export": {"orchestration"},
     "checkpoints": {"orchestration", "eval"},
     "faults": {"orchestration", "eval"},
 }

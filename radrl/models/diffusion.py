@@ -37,6 +37,11 @@ class DiffusionModels:
         size = self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2^(VAE levels − 1) as diffusers computes it (8 for SD 1.x), 1 without VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
     @torch.no_grad()
     def encode_reports(self, reports: list[str]) -> torch.Tensor:
         """Frozen text-encoder features c_p of each report, [B, M, d] with M = the tokenizer's max length."""
@@ -205,7 +210,7 @@ def build_diffusion(cfg: DiffusionModelConfig, image_size: int) -> DiffusionMode
         return random_diffusion(cfg.arch, image_size, tokenizer)
     source = embedded_path("diffusion") if cfg.weights == EMBEDDED else cfg.weights
     models = load_diffusion(source, cfg.use_vae)
-    pixels = models.unet.config.sample_size * (8 if models.vae is not None else 1)
+    pixels = models.unet.config.sample_size * models.vae_scale_factor
     if pixels != image_size:
         raise ValueError(
             f"data.image_size = {image_size} but the diffusion model '{cfg.weights}' makes {pixels} px images; "

@@ -450,11 +450,15 @@ class ReportPolicy(nn.Module):
             yield
 
 
+def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:
+    """The config's report generator: its CLIP and decoder LM as the config names them, new extractor and prompts."""
+    rg = cfg.models.report_generator
+    return ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
+                           rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
+                           rg.region_attention, rg.disease_prompt, rg.disease_unmentioned)
+
+
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
     """The config's report generator (seeded: every copy starts identical), in its supervised stage."""
     torch.manual_seed(cfg.seed)
-    rg = cfg.models.report_generator
-    generator = ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
-                                rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
-                                rg.region_attention, rg.disease_prompt, rg.disease_unmentioned)
-    return ReportPolicy(generator, cfg).to(device)
+    return ReportPolicy(build_report_generator(cfg), cfg).to(device)

@@ -95,3 +95,20 @@ def step_log_prob(policy: DiffusionPolicy, trajectory: DiffusionTrajectory, step
     eps = policy.predict_noise(x_t, t, cond, uncond, guidance_scale)
     _, log_prob = ddim_step_with_logprob(policy.models.scheduler, eps, t, prev_t, x_t, eta, prev_sample=x_prev)
     return log_prob
+
+
+@torch.no_grad()
+def sample_images(policy: DiffusionPolicy, reports: list[str], num_steps: int, eta: float, guidance_scale: float,
+                  initial_noise: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """Images [B, 1, H, W] in [0, 1] from `initial_noise`: the training sampler for η > 0; for η = 0 (deterministic
+    DDIM, no log-probs) diffusers' own DDIMScheduler.step, as a diffusers pipeline denoises."""
+    if eta > 0:
+        return sample_trajectories(policy, reports, num_steps, eta, guidance_scale, initial_noise, 0, generator).images
+    scheduler = policy.models.scheduler
+    scheduler.set_timesteps(num_steps, device=initial_noise.device)
+    cond, uncond = text_conditions(policy, reports)
+    x = initial_noise
+    for t in scheduler.timesteps:
+        eps = policy.predict_noise(x, t, cond, uncond, guidance_scale)
+        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    return policy.models.to_images(x)
