@@ -176,6 +176,42 @@ def evaluate(
     typer.echo(f"written to {table.parent}")
 
 
+@app.command(name="train-posture")
+def train_posture(
+    source: Annotated[Path, typer.Argument(help="a MIMIC-CXR-JPG root (its train split's frontal films) or a folder "
+                                                "of PNG/JPEG films")],
+    out: Annotated[Path, typer.Option(help="the weights file to write (models.posture.weights)")] = Path(
+        "posture_resnet18.safetensors"),
+    arch: Annotated[str, typer.Option(help="resnet18 (the paper's) or tiny")] = "resnet18",
+    image_size: Annotated[int, typer.Option(help="films are centre-cropped and resized to this (the generated "
+                                                 "images' size, data.image_size)")] = 512,
+    epochs: int = 10,
+    batch_size: int = 16,
+    lr: float = 3e-4,
+    limit: Annotated[int | None, typer.Option(help="at most this many films (a seeded draw)")] = None,
+    workers: Annotated[int, typer.Option(help="image-reading processes")] = 0,
+    seed: int = 0,
+) -> None:
+    """Train the posture regressor of r_align with the paper's unsupervised alignment loss (L2 to the mean of 500
+    training films) and write the file the real CXRL config reads."""
+    from radrl.models.posture import BLOCKS
+    from radrl.models.posture_training import train_posture_regressor
+
+    if arch not in BLOCKS:
+        typer.echo(f"radrl train-posture: --arch {arch!r}: choose from {sorted(BLOCKS)}", err=True)
+        raise typer.Exit(1)
+    _setup_logging()
+    try:
+        summary = train_posture_regressor(source, out, arch, image_size, epochs, batch_size, lr, limit, seed, workers)
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(f"radrl train-posture: {error}", err=True)
+        raise typer.Exit(1) from None
+    losses = summary["alignment_l2_per_epoch"]
+    typer.echo(f"wrote {out} ({summary['films']} films, {arch}, {image_size} px): alignment L2 "
+               f"{summary['alignment_l2_upright']:.5f} upright → {losses[-1] if losses else float('nan'):.5f}; use it "
+               f"with --set models.posture.weights={out} --set models.posture.arch={arch}")
+
+
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="a run folder (its latest checkpoint) or a checkpoint folder")],

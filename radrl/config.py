@@ -118,6 +118,10 @@ class ReportGeneratorConfig(Section):
     supervised_decoder: Literal["lora", "full"] = Field(
         "lora", description="supervised stage: train a LoRA on the decoder (merged when the stage ends) or all of it"
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the frozen CLIP and the decoder's frozen weights (all of it under a LoRA, i.e. the "
+                            "supervised stage with supervised_decoder=lora and all of CQRL) stored and run in bfloat16; "
+                            "LoRA, extractor, prompts, optimizer state and log-probs stay fp32")
     decoder_lora_targets: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "out_proj"),
                                                   description="decoder modules that get LoRA (OPT's attention)")
     disease_weight: float = Field(1.0, ge=0, description="λ of L_disease in the supervised loss")

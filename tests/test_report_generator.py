@@ -275,3 +275,35 @@ def test_repeat_factor_sampling_follows_lvis():
     order = epoch_order(labels, 0.5, seed=0)
     assert sorted(order.tolist()) == [0, 0, 1, 2, 3, 4, 5, 6, 7]
     assert sorted(epoch_order(labels, None, seed=0).tolist()) == list(range(8))
+
+
+def test_bf16_precision_stores_frozen_weights_in_bf16_trains_fp32_and_matches_fp32_likelihoods():
+    """models.report_generator.precision=bf16: frozen CLIP and decoder in bf16, adapters/extractor/prompts fp32."""
+    from radrl.data.labeler import label_reports
+
+    full = build_report_policy(config(**{"models.report_generator.supervised_decoder": "lora"}), "cpu")
+    half = build_report_policy(config(**{"models.report_generator.supervised_decoder": "lora",
+                                         "models.report_generator.precision": "bf16"}), "cpu")
+    generator = half.generator
+    assert {p.dtype for p in generator.extractor.clip.parameters()} == {torch.bfloat16}
+    decoder = dict(generator.decoder.named_parameters())
+    assert {p.dtype for n, p in decoder.items() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in decoder.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in half.supervised_parameters()} == {torch.float32}  # what trains, and its Adam state
+    labels = torch.as_tensor(label_reports(REPORTS))
+    loss, parts = generator.supervised_loss(images(), REPORTS, labels, 1.0)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in generator.decoder.named_parameters()
+               if "lora_" in n)
+    reference, _ = full.generator.supervised_loss(images(), REPORTS, labels, 1.0)  # same seed: same weights
+    assert abs(loss.item() - reference.item()) < 0.02 * reference.item()  # bf16 rounding, not another model
+
+    half.start_rl()
+    decoder = dict(generator.decoder.named_parameters())
+    assert {p.dtype for n, p in decoder.items() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in decoder.items() if "lora_" not in n} == {torch.bfloat16}
+    tokens, mask = generator.encode_reports(REPORTS)
+    log_probs = generator.token_log_probs(generator.frozen_prompts(images()), tokens, mask)
+    assert log_probs.dtype == torch.float32
+    log_probs.sum().backward()
+    assert all(p.grad is not None for p in half.rl_parameters())

@@ -162,6 +162,14 @@ def _one_image_per_study(images: Sequence[_MimicImage], split: str, views: Seque
     return sorted(best.values(), key=lambda image: image.study_id)  # sorted: seed alone fixes the draw
 
 
+def mimic_image_paths(root: Path, split: str = "train", views: Sequence[str] = ("PA", "AP")) -> list[Path]:
+    """The films of a MIMIC-CXR-JPG split, one per study (first of `views`, then lowest dicom_id); no reports needed."""
+    root = Path(root)
+    images = _read_mimic_images(_find_csv(root, "mimic-cxr-2.0.0-metadata"),
+                                _read_official_split(_find_csv(root, "mimic-cxr-2.0.0-split")))
+    return [_mimic_image_path(root, image) for image in _one_image_per_study(images, split, views)]
+
+
 def _mimic_image_path(root: Path, image: _MimicImage) -> Path:
     subject = image.subject_id
     return root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{image.study_id}" / f"{image.dicom_id}.jpg"

@@ -29,11 +29,16 @@ def report_pool(cfg: DataConfig, split: str) -> list[str]:
         from radrl.data.iu_reports import iu_split
 
         texts, train_texts = [r.text for r in iu_split(split)], [r.text for r in iu_split("train")]
-    if split == "test":
-        texts = unseen(texts, train_texts)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"no non-empty {split} reports in data source {cfg.source!r}; check the data paths")
+    if split == "test":
+        found = len(texts)
+        texts = unseen(texts, train_texts)
+        if not texts:
+            raise ValueError(f"all {found} test reports of {cfg.source!r} also occur in its training reports (case "
+                             "and whitespace folded), and held-out reports must be unseen: give a test split with "
+                             "texts of its own")
     order = np.random.default_rng(0).permutation(len(texts))[:limit]
     return [texts[i] for i in sorted(order)]
 

@@ -61,7 +61,8 @@ class ImageReportClip(nn.Module):
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        return (images.expand(-1, 3, -1, -1) - self.mean) / self.std  # RGB towers see a gray image
+        images = (images.expand(-1, 3, -1, -1) - self.mean) / self.std  # RGB towers see a gray image
+        return images.to(self.model.logit_scale.dtype)  # the towers' storage dtype (bf16 with precision=bf16)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 1, H, W] in [0, 1] → [B, D], L2-normalised."""

@@ -38,6 +38,7 @@ from torch import nn
 from radrl.config import ExperimentConfig
 from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.models.clip import ImageReportClip, build_clip
+from radrl.models.diffusion_policy import PRECISIONS
 from radrl.models.report_lm import DecoderLM, build_decoder
 from radrl.models.weights import copy_named_tensors
 
@@ -159,7 +160,7 @@ class VisualExtractor(nn.Module):
         averaged over heads and blocks; else None, and always None for the paper's form, whose softmax over one
         key is constant)."""
         with torch.no_grad():
-            patches = self.clip.patch_tokens(images)  # [B, N, D]
+            patches = self.clip.patch_tokens(images).float()  # [B, N, D]; fp32 whatever the frozen CLIP's dtype
         global_feature = patches.mean(dim=1, keepdim=True)
         patches = self._pooled(patches)
         batch, count, width = patches.shape
@@ -258,9 +259,13 @@ class ReportGenerator(nn.Module):
                 else:
                     p = torch.sigmoid(logits).unsqueeze(-1)
             parts.append(p * self.disease_tokens[0] + (1 - p) * self.disease_tokens[1])
-        instruction = self.decoder.get_input_embeddings()(self.instruction_ids)
+        instruction = self.decoder.get_input_embeddings()(self.instruction_ids).float()
         parts.append(instruction.unsqueeze(0).expand(len(features), -1, -1))
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1)  # fp32; cast to the decoder's dtype where it enters the decoder
+
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        return self.decoder.get_input_embeddings().weight.dtype
 
     @torch.no_grad()
     def fit_operating_points(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -317,7 +322,7 @@ class ReportGenerator(nn.Module):
                         with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """log p(token_t | prompt, tokens_<t) for every report token, teacher-forced → [B, T] (0 where masked);
         with_entropy: also the entropy of each position's next-token distribution [B, T] (not masked)."""
-        embeddings = torch.cat([prompts, self.decoder.get_input_embeddings()(tokens)], dim=1)
+        embeddings = torch.cat([prompts.to(self.decoder_dtype), self.decoder.get_input_embeddings()(tokens)], dim=1)
         attention = torch.cat([torch.ones(prompts.shape[:2], device=mask.device), mask], dim=1)
         logits = self.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
         # the logit at position p predicts position p + 1: the report's tokens are predicted from P − 1 on
@@ -339,7 +344,7 @@ class ReportGenerator(nn.Module):
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         # with inputs_embeds only, transformers returns just the new tokens
         tokens = self.decoder.generate(
-            inputs_embeds=prompts, attention_mask=torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device),
+            inputs_embeds=prompts.to(self.decoder_dtype), attention_mask=torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device),
             max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None, temperature=None,
             num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id,
         )
@@ -389,8 +394,17 @@ class ReportPolicy(nn.Module):
         self.generator = generator
         self.cfg = cfg
         self.stage = "supervised"
+        self.low_precision = PRECISIONS[cfg.models.report_generator.precision]
+        if self.low_precision != torch.float32:  # the frozen CLIP is stored and run in bf16
+            nn.Module.to(generator.extractor.clip, self.low_precision)
         if cfg.models.report_generator.supervised_decoder == "lora":
-            generator.decoder = get_peft_model(generator.decoder, self._lora())
+            self._freeze_decoder_precision()
+            generator.decoder = get_peft_model(generator.decoder, self._lora())  # adapters in fp32 (peft's autocast)
+
+    def _freeze_decoder_precision(self) -> None:
+        """Store the (frozen) decoder in the configured precision, before a LoRA goes on it."""
+        if self.low_precision != torch.float32:
+            self.generator.decoder.to(self.low_precision)
 
     def _lora(self) -> LoraConfig:
         learner = self.cfg.learner
@@ -427,6 +441,7 @@ class ReportPolicy(nn.Module):
         if self.cfg.models.report_generator.supervised_decoder == "lora":
             self.generator.decoder = self.generator.decoder.merge_and_unload()
         self.generator.requires_grad_(False)
+        self._freeze_decoder_precision()
         self.generator.decoder = get_peft_model(self.generator.decoder, self._lora())
         self.stage = "rl"
 

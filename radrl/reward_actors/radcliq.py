@@ -252,7 +252,8 @@ class RadCliQScorer:
         try:
             self.bert = BERTScorer(model_type=cfg.bertscore_model, num_layers=5, rescale_with_baseline=True,
                                    lang="en", device=device)
-            self.radgraph = RadGraph(model_type=cfg.radgraph_model)
+            # radgraph picks cuda:0 whenever CUDA is visible; say which (a Ray actor sees only its own GPUs)
+            self.radgraph = RadGraph(model_type=cfg.radgraph_model, cuda=0 if device.startswith("cuda") else -1)
             self.chexbert = bert_labeler(inference=True)
             state = torch.load(cfg.chexbert_weights, map_location="cpu")["model_state_dict"]
             self.chexbert.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
