@@ -91,8 +91,11 @@ class ClassifierConfig(Section):
 
 
 class ClipConfig(Section):
-    weights: str = Field(EMBEDDED, description="'embedded', 'random', or an open_clip checkpoint file / hf-hub: id")
+    weights: str = Field(EMBEDDED, description="'embedded', 'random', an open_clip model folder / hf-hub: id, or (arch "
+                                               "cxr_clip) a released CXR-CLIP checkpoint file such as r50_mc.tar")
     arch: Literal["tiny", "biomedclip", "cxr_clip"] = "tiny"
+    text_model: str | None = Field(None, description="a released CXR-CLIP file's BERT config and tokenizer: a "
+                                                     "Bio_ClinicalBERT folder or hub id (local cache)")
     open_clip_config: Path | None = Field(None, description="open_clip model JSON for a local checkpoint")
 
 

@@ -56,6 +56,51 @@ def write_open_clip(folder: Path, arch: str) -> Path:
     return folder
 
 
+def write_bert_folder(folder: Path, words: tuple[str, ...] = (), base: bool = True) -> Path:
+    """A Bio_ClinicalBERT-shaped folder (BertConfig of BERT-base, WordPiece tokenizer over a small vocabulary): what
+    models.clip.text_model names for a CXR-CLIP release."""
+    from transformers import BertConfig, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + sorted(
+        {w for text in IMPRESSIONS for w in text.lower().replace(".", " ").split()} | set(words))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    config = BertConfig(vocab_size=28996) if base else BertConfig(vocab_size=len(vocab), hidden_size=64,
+                                                                  num_hidden_layers=2, num_attention_heads=2,
+                                                                  intermediate_size=128)
+    config.save_pretrained(folder)
+    return folder
+
+
+def write_cxr_clip_release(path: Path, bert_folder: Path, seed: int = 0) -> Path:
+    """A random checkpoint in the released CXR-CLIP layout (kakaobrain/cxr-clip's r50_mc.tar): {"model": state dict
+    with image_encoder.resnet.* (ResNet-50 without fc), text_encoder.text_encoder.* (BertModel with pooler),
+    image_projection.projection.*, text_projection.projection.*, logit_scale; "config": its training config}."""
+    from torchvision.models import resnet50
+    from transformers import AutoConfig, BertModel
+
+    torch.manual_seed(seed)
+    resnet = resnet50(weights=None)
+    del resnet.fc
+    bert = BertModel(AutoConfig.from_pretrained(str(bert_folder)))
+    state = {f"image_encoder.resnet.{k}": v for k, v in resnet.state_dict().items()}
+    state |= {f"text_encoder.text_encoder.{k}": v for k, v in bert.state_dict().items()}
+    for side, width in (("image", 2048), ("text", bert.config.hidden_size)):
+        head = torch.nn.Linear(width, 512)
+        state |= {f"{side}_projection.projection.{k}": v for k, v in head.state_dict().items()}
+    state["logit_scale"] = torch.tensor(np.log(1 / 0.07))
+    config = {"base": {"image_size": 224, "text_max_length": 256},
+              "model": {"name": "clip_custom", "temperature": 0.07,
+                        "image_encoder": {"source": "torchvision", "name": "resnet", "pretrained": True},
+                        "text_encoder": {"source": "huggingface", "name": "emilyalsentzer/Bio_ClinicalBERT",
+                                         "pooling": "eos"},
+                        "projection_head": {"name": "linear", "dropout": 0.1, "proj_dim": 512}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, "config": config}, path)
+    return path
+
+
 def write_cxrl_world(root: Path) -> list[str]:
     """Every file cxrl_roentgen_mimic.yaml reads, at real architecture sizes; returns the --set overrides."""
     root.mkdir(parents=True, exist_ok=True)
@@ -73,11 +118,12 @@ def write_cxrl_world(root: Path) -> list[str]:
     save_classifier(classifier, root / "densenet121.safetensors")
     thresholds = np.linspace(0.002, 0.2, len(classifier.targets))  # xrv-like operating points, far from 0.5
     save_operating_points(classifier, thresholds, root / "densenet121.safetensors")
-    write_open_clip(root / "cxr_clip_open_clip", "cxr_clip")
+    bert = write_bert_folder(root / "Bio_ClinicalBERT")
+    write_cxr_clip_release(root / "cxr-clip" / "r50_mc.tar", bert)
     return [f"data.mimic_root={mimic}", f"data.mimic_reports_root={mimic}", f"models.diffusion.weights={root / 'roentgen'}",
             f"models.posture.weights={root / 'posture_resnet18.safetensors'}",
             f"models.classifier.weights={root / 'densenet121.safetensors'}",
-            f"models.clip.weights={root / 'cxr_clip_open_clip'}"]
+            f"models.clip.weights={root / 'cxr-clip' / 'r50_mc.tar'}", f"models.clip.text_model={bert}"]
 
 
 def opt_config(name: str, vocab_size: int) -> OPTConfig:

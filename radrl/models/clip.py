@@ -2,7 +2,8 @@
 
 Every source is an open_clip model folder (`open_clip_config.json` + weights, plus tokenizer
 files when the text tower uses an HF tokenizer), loaded with open_clip's own `local-dir:` /
-`hf-hub:` schemes: BiomedCLIP's hub layout, a converted CXR-CLIP, or the shipped tiny model.
+`hf-hub:` schemes: BiomedCLIP's hub layout, or the shipped tiny model. A released CXR-CLIP checkpoint
+(ResNet-50 + Bio_ClinicalBERT) loads as it is through `radrl.models.cxr_clip`.
 """
 
 from __future__ import annotations
@@ -145,4 +146,8 @@ def build_clip(cfg: ClipConfig) -> ImageReportClip:
         tokenizer = open_clip.tokenizer.HFTokenizer(str(tokenizer_folder), context_length=real["text_cfg"]["context_length"])
         return from_model_cfg(real, tokenizer)
     source = str(embedded_path("clip")) if cfg.weights == EMBEDDED else cfg.weights
+    if cfg.arch == "cxr_clip" and Path(source).expanduser().is_file():  # a release file, not an open_clip folder
+        from radrl.models.cxr_clip import load_cxr_clip
+
+        return load_cxr_clip(source, cfg.text_model)
     return load_clip(source)
