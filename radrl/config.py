@@ -223,6 +223,9 @@ class RewardsConfig(Section):
 class LearnerConfig(Section):
     iterations: int = Field(100, ge=0, description="sample→score→update rounds (rrg: 0 = the supervised stage only)")
     batch_size: int = Field(8, ge=1, description="trajectories per gradient step")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="cxrl: trajectories per UNet forward/backward inside a gradient step (gradient "
+                                "accumulation: memory only, the same update); None = the whole batch_size at once")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (LoRA)")
     ace_lr: float | None = Field(None, gt=0, description="learning rate of the ACE tokens; default lr")
     adam_betas: tuple[float, float] = (0.9, 0.999)

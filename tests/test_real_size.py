@@ -43,6 +43,7 @@ def test_cxrl_roentgen_mimic_trains_an_iteration_and_exports_at_real_size(tmp_pa
     # reduced: DDIM steps, images per iteration, held-out reports; one rollout worker in-process (a speed knob);
     # fp32 (the config's bf16 runs emulated on CPUs without bf16 units: a UNet call took > 10 min here)
     reduced = ["rollout.num_steps=2", "rollout.per_iteration=2", "rollout.batch_size=2", "learner.batch_size=2",
+               "learner.micro_batch_size=1",
                "learner.iterations=1", "logging.eval_reports=2", "models.diffusion.precision=fp32",
                f"logging.run_dir={run}"]
     seconds, peak, output = run_measured(["train", str(CONFIGS / "cxrl_roentgen_mimic.yaml"), "--local",

@@ -98,16 +98,25 @@ class DDPOLearner:
                 cond, uncond = text_conditions(self.policy, reports)
                 steps = sample_timesteps(eligible, steps_trained, len(index), self.generator)  # [b, steps]
                 self.optimizer.zero_grad(set_to_none=True)
+                micro = learner.micro_batch_size or len(index)
                 for j in range(steps_trained):
                     step = steps[:, j]  # each sample's own j-th step
-                    log_prob = step_log_prob(self.policy, batch, step, cond, uncond, rollout.eta,
-                                             rollout.guidance_scale, index=index.to(self.device))
-                    loss, info = ddpo_loss(log_prob, batch.log_probs[index, step], advantages[index],
-                                           learner.clip_range, learner.adv_clip_max)
-                    (loss / steps_trained).backward()  # gradient accumulated over the trained timesteps
-                    stats["loss"].append(float(loss.detach()))
-                    stats["approx_kl"].append(info["approx_kl"])
-                    stats["clipfrac"].append(info["clipfrac"])
+                    parts = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
+                    # micro-batches: the minibatch's mean loss, its gradient accumulated a few samples at a time
+                    # (memory only: the same update up to float summation order)
+                    for part in range(0, len(index), micro):
+                        rows, share = slice(part, part + micro), len(index[part:part + micro]) / len(index)
+                        log_prob = step_log_prob(self.policy, batch, step[rows], cond[rows], uncond[rows],
+                                                 rollout.eta, rollout.guidance_scale,
+                                                 index=index[rows].to(self.device))
+                        loss, info = ddpo_loss(log_prob, batch.log_probs[index[rows], step[rows]],
+                                               advantages[index[rows]], learner.clip_range, learner.adv_clip_max)
+                        (loss * share / steps_trained).backward()  # accumulated over micro-batches and timesteps
+                        parts["loss"] += float(loss.detach()) * share
+                        parts["approx_kl"] += info["approx_kl"] * share
+                        parts["clipfrac"] += info["clipfrac"] * share
+                    for key, value in parts.items():
+                        stats[key].append(value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), learner.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise FloatingPointError(f"DDPO gradient norm is {float(grad_norm)} at weight version "
