@@ -24,7 +24,7 @@ MEASURED = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1
 def run_measured(args: list[str], cwd: Path) -> tuple[float, float, str]:
     """(seconds, peak GiB, output) of `radrl ARGS` in a fresh process."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", MEASURED, sys.executable, "-m", "radrl.cli", *args], cwd=cwd,
+    done = subprocess.run([sys.executable, "-c", MEASURED, sys.executable, "-m", "radrl", *args], cwd=cwd,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     output = done.stdout + done.stderr

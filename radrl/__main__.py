@@ -1,0 +1,5 @@
+"""`python -m radrl …`: the same as the `radrl` command."""
+
+from radrl.cli import app
+
+app()
