@@ -159,3 +159,20 @@ def test_real_sd1_generator_builds_with_random_weights():
     assert 83 < _params(models.vae) < 84.5
     assert models.latent_shape == (4, 64, 64)
     assert models.text_encoder.config.hidden_size == 768
+
+
+def test_vae_decodes_one_image_at_a_time_with_the_same_images():
+    """decode_in_slices (diffusers' VAE slicing): what keeps a 27-image call at 512 px within a GPU's memory."""
+    from diffusers import AutoencoderKL
+
+    from radrl.models.diffusion import DiffusionModels, decode_in_slices
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, sample_size=32)
+    models = DiffusionModels(None, None, None, None, vae)
+    latents = torch.randn(3, 4, 16, 16)
+    whole = models.to_images(latents)
+    assert decode_in_slices(models).vae.use_slicing
+    torch.testing.assert_close(models.to_images(latents), whole, atol=1e-5, rtol=0)

@@ -203,13 +203,21 @@ def load_diffusion(source: str | Path, use_vae: bool) -> DiffusionModels:
         ) from error
 
 
+def decode_in_slices(models: DiffusionModels) -> DiffusionModels:
+    """The VAE decodes one image at a time (diffusers' slicing: the same images). At 512 px its decoder's activations
+    take a few GB per image, so a whole sampling call of 27 decoded at once would not fit an 80 GB GPU."""
+    if models.vae is not None:
+        models.vae.enable_slicing()
+    return models
+
+
 def build_diffusion(cfg: DiffusionModelConfig, image_size: int) -> DiffusionModels:
     """Build the generator the config names; the embedded one must match `image_size`."""
     if cfg.weights == RANDOM:
         tokenizer = AutoTokenizer.from_pretrained(str(embedded_path("tokenizer")))
-        return random_diffusion(cfg.arch, image_size, tokenizer)
+        return decode_in_slices(random_diffusion(cfg.arch, image_size, tokenizer))
     source = embedded_path("diffusion") if cfg.weights == EMBEDDED else cfg.weights
-    models = load_diffusion(source, cfg.use_vae)
+    models = decode_in_slices(load_diffusion(source, cfg.use_vae))
     pixels = models.unet.config.sample_size * models.vae_scale_factor
     if pixels != image_size:
         raise ValueError(
