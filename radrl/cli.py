@@ -239,8 +239,11 @@ def sample(
     report: Annotated[list[str] | None, typer.Option(help="CXRL: a report to draw (repeatable)")] = None,
     reports_file: Annotated[Path | None, typer.Option(help="CXRL: a text file, one report per line")] = None,
     image: Annotated[list[Path] | None, typer.Option(help="LM-RRG: an image file or folder (repeatable)")] = None,
-    held_out: Annotated[int, typer.Option(help="also take the first N held-out reports (CXRL) or images (LM-RRG); "
-                                               "with nothing else given: 8")] = 0,
+    held_out: Annotated[int, typer.Option(help="also take N held-out reports (CXRL) or images (LM-RRG), a seeded "
+                                               "draw; with nothing else given: 8")] = 0,
+    held_out_id: Annotated[list[int] | None, typer.Option(help="a held-out pair by its position in the held-out set "
+                                                               "(repeatable): its report (CXRL) or image (LM-RRG)")]
+    = None,
     anchor: Annotated[bool, typer.Option(help="CXRL: the base model's image beside the policy's (same noise)")] = False,
     eta: Annotated[float | None, typer.Option(help="CXRL: DDIM η (default: the training config's; 0 = deterministic)")]
     = None,
@@ -259,7 +262,8 @@ def sample(
         reports += [line for line in reports_file.read_text().splitlines() if line.strip()]
     _setup_logging()
     try:
-        sheet = run_sample(source, out or source / "samples", reports, list(image or []), held_out, anchor, seed, eta)
+        sheet = run_sample(source, out or source / "samples", reports, list(image or []), held_out, anchor, seed, eta,
+                           list(held_out_id or []))
     except (FileNotFoundError, ValueError, MissingWeightsError) as error:
         typer.echo(f"radrl sample: {error}", err=True)
         raise typer.Exit(1) from None

@@ -146,6 +146,14 @@ def test_sample_writes_pngs_and_a_contact_sheet_and_refuses_bad_input(tmp_path):
     assert again.exit_code == 0  # seeded: the same image again
     assert (Image.open(tmp_path / "again" / "000_policy.png").tobytes()
             == Image.open(samples / "000_policy.png").tobytes())
+    by_id = runner.invoke(app, ["sample", str(run), "--held-out-id", "1", "--out", str(tmp_path / "by_id")])
+    assert by_id.exit_code == 0, by_id.output
+    from radrl.data.pairs import image_report_pairs
+
+    second = image_report_pairs(config(CXRL, run).data, "test").reports[1]  # position 1 of the held-out set
+    assert (tmp_path / "by_id" / "reports.txt").read_text() == f"000\t{second}\n"
+    beyond = runner.invoke(app, ["sample", str(run), "--held-out-id", "100000"])
+    assert beyond.exit_code == 1 and "the held-out set has" in beyond.output
     empty = runner.invoke(app, ["sample", str(run), "--report", " "])
     assert empty.exit_code == 1 and "empty" in empty.output
     missing = runner.invoke(app, ["sample", str(tmp_path / "nothing")])

@@ -142,19 +142,30 @@ def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(loaded), [f.name for f in files]
 
 
+def held_out_by_index(cfg: ExperimentConfig, indexes: list[int]):
+    """The held-out pairs at `indexes` (positions in the whole held-out set, in its order)."""
+    pairs = held_out(cfg, None)
+    wrong = [i for i in indexes if not 0 <= i < len(pairs)]
+    if wrong:
+        raise ValueError(f"--held-out-id {wrong}: the held-out set has {len(pairs)} pairs (0 … {len(pairs) - 1})")
+    return pairs.take(indexes)
+
+
 def run_sample(source: Path, out: Path, reports: list[str], images: list[Path], held_out_count: int,
-               anchor: bool = False, seed: int = 0, eta: float | None = None) -> Path:
+               anchor: bool = False, seed: int = 0, eta: float | None = None, held_out_ids: list[int] = ()) -> Path:
     """Sample (see the module docstring); writes PNGs or reports.md and the contact sheet into `out`."""
     import matplotlib.pyplot as plt
 
     cfg, info, checkpoint = source_config(Path(source))
     out.mkdir(parents=True, exist_ok=True)
+    chosen = held_out_by_index(cfg, list(held_out_ids)) if held_out_ids else None
     if cfg.task == "cxrl":
         empty = [i for i, r in enumerate(reports) if not r.strip()]
         if empty:
             raise ValueError(f"report(s) {empty} are empty: give report text (or --held-out N for held-out reports)")
+        reports = list(reports) + (list(chosen.reports) if chosen is not None else [])
         if held_out_count or not reports:  # nothing given: 8 held-out reports
-            reports = list(reports) + list(held_out(cfg, held_out_count or 8).reports)
+            reports += list(held_out(cfg, held_out_count or 8).reports)
         rows = sample_cxrl(cfg, info, checkpoint, Path(source), reports, out, anchor, seed, eta)
         (out / "reports.txt").write_text("\n".join(f"{i:03d}\t{r}" for i, r in enumerate(reports)) + "\n")
         figure = image_grid_figure(reports, rows, f"radrl sample: {source}")
@@ -163,9 +174,10 @@ def run_sample(source: Path, out: Path, reports: list[str], images: list[Path], 
             pixels, names = load_images(images, cfg.data.image_size)
             references = None
         else:
-            pairs = held_out(cfg, held_out_count or 8)
+            ids = list(held_out_ids) if chosen is not None else list(range(held_out_count or 8))
+            pairs = chosen if chosen is not None else held_out(cfg, held_out_count or 8)
             pixels, names, references = torch.from_numpy(pairs.images), \
-                [f"held-out {i}" for i in range(len(pairs))], list(pairs.reports)
+                [f"held-out {i}" for i in ids[:len(pairs)]], list(pairs.reports)
         texts = sample_rrg(cfg, info, checkpoint, Path(source), pixels)
         lines = []
         for i, (name, text) in enumerate(zip(names, texts)):
