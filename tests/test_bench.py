@@ -2,14 +2,12 @@
 
 import numpy as np
 import pytest
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel
 
 from radrl.config import load_config
-from radrl.models.diffusion import DiffusionModels, latent_scheduler, tiny_text_encoder_config, tiny_unet_config
-from radrl.models.weights import embedded_path
 from radrl.orchestration.bench import GPU_SETTINGS, format_report, gpu_sampler_benchmark, peak_flops, run_bench, \
     setting_config
+
+from test_export import tiny_latent_models
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +34,7 @@ def test_bench_measures_every_setting_and_derives_the_figures():
 
 
 def test_sampler_comparison_with_diffusers_pipeline_runs_on_a_tiny_latent_model():
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_path("tokenizer")))
-    text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer)))
-    unet = UNet2DConditionModel(**{**tiny_unet_config(8, text_encoder.config.hidden_size), "in_channels": 4,
-                                   "out_channels": 4})
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, sample_size=16)
-    models = DiffusionModels(unet, text_encoder, tokenizer, latent_scheduler(), vae)
+    models = tiny_latent_models(latent_size=8)
     result = gpu_sampler_benchmark(models, batch=2, steps=2, device="cpu", precision="fp32", repeats=1,
                                    channels_last=False)
     assert result["radrl_images_per_s"] > 0 and result["diffusers_images_per_s"] > 0

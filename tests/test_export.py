@@ -2,7 +2,6 @@
 reports; the README's loading snippet runs as printed."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -34,16 +33,21 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 TRAINED = {"learner.iterations": 1, "learner.lr": 0.05}
 
 
-def latent_sd(folder: Path) -> Path:
-    """A tiny Stable-Diffusion-layout model that denoises VAE latents (4 × 16 × 16 → 32 px images)."""
+def tiny_latent_models(latent_size: int = 16) -> DiffusionModels:
+    """A tiny Stable-Diffusion-layout model that denoises VAE latents (4 × S × S → 2S px images)."""
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_path("tokenizer")))
     text_encoder = CLIPTextModel(tiny_text_encoder_config(len(tokenizer)))
-    unet = UNet2DConditionModel(**{**tiny_unet_config(16, text_encoder.config.hidden_size), "in_channels": 4,
-                                   "out_channels": 4})
+    unet = UNet2DConditionModel(**{**tiny_unet_config(latent_size, text_encoder.config.hidden_size),
+                                   "in_channels": 4, "out_channels": 4})
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, sample_size=32)
-    DiffusionModels(unet, text_encoder, tokenizer, latent_scheduler(), vae).save(folder)
+                        layers_per_block=1, sample_size=2 * latent_size)
+    return DiffusionModels(unet, text_encoder, tokenizer, latent_scheduler(), vae)
+
+
+def latent_sd(folder: Path) -> Path:
+    """tiny_latent_models() in the SD 1.x folder layout (32 px images)."""
+    tiny_latent_models().save(folder)
     return folder
 
 

@@ -4,7 +4,6 @@ CXRL config loads."""
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -44,7 +43,7 @@ def test_alignment_training_lowers_the_loss_and_finds_the_tilt_of_phantoms(tmp_p
     for i, posture in enumerate(postures):
         pixels = render_phantom((), posture, size=32, seed=i)
         Image.fromarray((pixels * 255).round().astype(np.uint8), mode="L").save(films_dir / f"{i:03d}.png")
-    from radrl.models.posture_training import posture_image_files, Films, train_posture_regressor
+    from radrl.models.posture_training import Films, posture_image_files, train_posture_regressor
 
     summary = train_posture_regressor(films_dir, tmp_path / "out" / "p.safetensors", arch="tiny", image_size=32,
                                       epochs=8, batch_size=16, lr=1e-3)

@@ -27,7 +27,6 @@ from safetensors.torch import load_file, save_file
 
 from radrl.config import EMBEDDED, RANDOM, ExperimentConfig
 from radrl.models.diffusion_policy import DiffusionPolicy, PublishedWeights
-from radrl.models.weights import embedded_path
 
 ACE_FILE = "ace.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
