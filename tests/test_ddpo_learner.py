@@ -188,6 +188,28 @@ def test_each_sample_trains_on_its_own_timesteps_and_per_chain_log_probs_match()
     assert torch.allclose(mixed, trajectory.log_probs[torch.arange(4), per_chain], atol=1e-5)  # the recorded ones
 
 
+def test_gradient_checkpointing_gives_the_same_gradient():
+    """learner.gradient_checkpointing recomputes the UNet's activations in the backward pass: memory, not math."""
+    gradients = []
+    for checkpointing in (False, True):
+        cfg = tiny_config(**{"learner.gradient_checkpointing": checkpointing})
+        learner = DDPOLearner(cfg)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in learner.policy.unet.modules()) == checkpointing
+        trajectory = sampled_batch(cfg, learner)
+        recorded, step = [], learner.optimizer.step
+
+        def recorded_step(*args, **kwargs):
+            recorded.append([p.grad.clone() for p in learner.trainable_parameters()])
+            return step(*args, **kwargs)
+
+        learner.optimizer.step = recorded_step
+        learner.update(np.array([1.0, -1.0, 0.5, -0.5]), trajectory)
+        gradients.append(recorded)
+    for plain, checkpointed in zip(*gradients):
+        for ours, theirs in zip(checkpointed, plain):
+            torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=1e-5)
+
+
 def test_micro_batches_give_the_same_update_as_the_whole_minibatch():
     """learner.micro_batch_size (gradient accumulation) is memory only: the gradient each optimizer step takes and
     the logged figures are the whole minibatch's."""

@@ -40,10 +40,11 @@ def sets(overrides: list[str]) -> list[str]:
 def test_cxrl_roentgen_mimic_trains_an_iteration_and_exports_at_real_size(tmp_path):
     world = write_cxrl_world(tmp_path / "world")
     run = tmp_path / "run"
-    # reduced: DDIM steps, images per iteration, held-out reports; one rollout worker in-process (a speed knob);
+    # reduced: DDIM steps, images per iteration, held-out reports; one rollout worker in-process (a speed knob), the
+    # learner in micro-batches of 1 with gradient checkpointing (memory knobs: the same update);
     # fp32 (the config's bf16 runs emulated on CPUs without bf16 units: a UNet call took > 10 min here)
     reduced = ["rollout.num_steps=2", "rollout.per_iteration=2", "rollout.batch_size=2", "learner.batch_size=2",
-               "learner.micro_batch_size=1",
+               "learner.micro_batch_size=1", "learner.gradient_checkpointing=true",
                "learner.iterations=1", "logging.eval_reports=2", "models.diffusion.precision=fp32",
                f"logging.run_dir={run}"]
     seconds, peak, output = run_measured(["train", str(CONFIGS / "cxrl_roentgen_mimic.yaml"), "--local",

@@ -37,6 +37,8 @@ class DDPOLearner:
         self.device = device_for(cfg.learner.resources.num_gpus)
         self.policy = build_policy(cfg, self.device)
         learner = cfg.learner
+        if learner.gradient_checkpointing:  # recompute the UNet's activations in the backward pass: memory only
+            self.policy.unet.enable_gradient_checkpointing()
         groups = [{"params": self.policy.lora_parameters(), "lr": learner.lr}]
         if self.policy.ace is not None:
             groups.append({"params": [self.policy.ace], "lr": learner.ace_lr or learner.lr})
