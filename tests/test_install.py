@@ -4,6 +4,7 @@ The wheel is built from this checkout and installed without dependencies into a 
 reads its dependencies from the test's own environment (a path file), so nothing is downloaded; the checkout's
 editable install is not visible there."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*command, cwd=None) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, cwd=cwd, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a PYTHONPATH checkout would shadow the wheel
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done
 
