@@ -188,47 +188,36 @@ def test_each_sample_trains_on_its_own_timesteps_and_per_chain_log_probs_match()
     assert torch.allclose(mixed, trajectory.log_probs[torch.arange(4), per_chain], atol=1e-5)  # the recorded ones
 
 
+def update_gradients(cfg) -> tuple[dict, list[list[torch.Tensor]]]:
+    """One update on a sampled batch: its logged figures and the gradient each optimizer step took."""
+    learner = DDPOLearner(cfg)
+    trajectory = sampled_batch(cfg, learner)
+    gradients, step = [], learner.optimizer.step
+
+    def recorded_step(*args, **kwargs):
+        gradients.append([p.grad.clone() for p in learner.trainable_parameters()])
+        return step(*args, **kwargs)
+
+    learner.optimizer.step = recorded_step
+    return learner.update(np.array([1.0, -1.0, 0.5, -0.5]), trajectory), gradients
+
+
 def test_gradient_checkpointing_gives_the_same_gradient():
     """learner.gradient_checkpointing recomputes the UNet's activations in the backward pass: memory, not math."""
-    gradients = []
-    for checkpointing in (False, True):
-        cfg = tiny_config(**{"learner.gradient_checkpointing": checkpointing})
-        learner = DDPOLearner(cfg)
-        assert any(getattr(m, "gradient_checkpointing", False) for m in learner.policy.unet.modules()) == checkpointing
-        trajectory = sampled_batch(cfg, learner)
-        recorded, step = [], learner.optimizer.step
-
-        def recorded_step(*args, **kwargs):
-            recorded.append([p.grad.clone() for p in learner.trainable_parameters()])
-            return step(*args, **kwargs)
-
-        learner.optimizer.step = recorded_step
-        learner.update(np.array([1.0, -1.0, 0.5, -0.5]), trajectory)
-        gradients.append(recorded)
-    for plain, checkpointed in zip(*gradients):
-        for ours, theirs in zip(checkpointed, plain):
+    assert any(getattr(m, "gradient_checkpointing", False) for m in DDPOLearner(
+        tiny_config(**{"learner.gradient_checkpointing": True})).policy.unet.modules())
+    _, plain = update_gradients(tiny_config())
+    _, checkpointed = update_gradients(tiny_config(**{"learner.gradient_checkpointing": True}))
+    for ours_step, theirs_step in zip(checkpointed, plain, strict=True):
+        for ours, theirs in zip(ours_step, theirs_step):
             torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=1e-5)
 
 
 def test_micro_batches_give_the_same_update_as_the_whole_minibatch():
     """learner.micro_batch_size (gradient accumulation) is memory only: the gradient each optimizer step takes and
     the logged figures are the whole minibatch's."""
-    results = []
-    for micro in (None, 1):
-        cfg = tiny_config(**{"learner.batch_size": 4, "learner.micro_batch_size": micro} if micro else
-                          {"learner.batch_size": 4})
-        learner = DDPOLearner(cfg)
-        trajectory = sampled_batch(cfg, learner)
-        gradients, step = [], learner.optimizer.step
-
-        def recorded_step(*args, **kwargs):
-            gradients.append([p.grad.clone() for p in learner.trainable_parameters()])
-            return step(*args, **kwargs)
-
-        learner.optimizer.step = recorded_step
-        metrics = learner.update(np.array([1.0, -1.0, 0.5, -0.5]), trajectory)
-        results.append((metrics, gradients))
-    (whole, whole_gradients), (micro, micro_gradients) = results
+    whole, whole_gradients = update_gradients(tiny_config(**{"learner.batch_size": 4}))
+    micro, micro_gradients = update_gradients(tiny_config(**{"learner.batch_size": 4, "learner.micro_batch_size": 1}))
     assert len(whole_gradients) == len(micro_gradients) == 1  # one optimizer step either way
     # the UNet's kernels sum in another order at another batch size, and the DDIM log-prob's 1/σ² amplifies that:
     # 2e-4 of the gradient's norm here; a wrong micro-batch weighting would be off by tens of percent
