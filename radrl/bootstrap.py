@@ -48,7 +48,7 @@ from radrl.models.clip import (
     tiny_clip_config,
 )
 from radrl.models.diffusion import DiffusionModels, load_diffusion, random_diffusion
-from radrl.models.posture import PostureRegressor, alignment_loss, load_posture, r_align
+from radrl.models.posture import PostureRegressor, alignment_step, load_posture, r_align
 from radrl.models.report_lm import DecoderLM, build_decoder, tiny_decoder_config
 from radrl.models.tokenizer import save_tokenizer, train_report_tokenizer
 from radrl.models.weights import EMBEDDED_DIR, save_state
@@ -134,11 +134,7 @@ def train_posture(images, plan: BootstrapPlan, start: float, seed: int) -> Postu
     for epoch in progress(range(plan.posture_epochs), desc="posture", unit="epoch"):
         model.train()
         for idx in _batches(len(images), 64, rng):
-            loss = alignment_loss(model, images[idx], canonical)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            loss = alignment_step(model, optimizer, images[idx], canonical)
         _log(f"posture epoch {epoch + 1}/{plan.posture_epochs}: alignment L2 {loss.item():.4f}", start)
     return model.eval()
 

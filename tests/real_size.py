@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import torchxrayvision as xrv
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
@@ -113,8 +114,8 @@ def write_cxrl_world(root: Path) -> list[str]:
                             unet=models.unet, scheduler=models.scheduler, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(root / "roentgen")
     save_state(PostureRegressor("resnet18"), root / "posture_resnet18.safetensors")
-    classifier = DiagnosticClassifier(__import__("torchxrayvision").models.DenseNet(**DENSENET121),
-                                      tuple(__import__("torchxrayvision").datasets.default_pathologies), 224)
+    classifier = DiagnosticClassifier(xrv.models.DenseNet(**DENSENET121), tuple(xrv.datasets.default_pathologies),
+                                      224)
     save_classifier(classifier, root / "densenet121.safetensors")
     thresholds = np.linspace(0.002, 0.2, len(classifier.targets))  # xrv-like operating points, far from 0.5
     save_operating_points(classifier, thresholds, root / "densenet121.safetensors")

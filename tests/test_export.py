@@ -77,7 +77,7 @@ def test_cxrl_export_on_a_latent_sd_model_gives_radrls_images_in_diffusers(tmp_p
     assert (export / "pytorch_lora_weights.safetensors").is_file() and load_ace(export).shape == (cfg.learner.ace_tokens, 128)
 
     tensors, state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
-    policy = policy_from_checkpoint(cfg, tensors, state["weight_version"])
+    policy = policy_from_checkpoint(cfg, tensors, state)
     reports = ["Heart size normal. Lungs clear.", "Small left pleural effusion."]
     noise = torch.randn(2, *policy.models.latent_shape, generator=torch.Generator().manual_seed(0))
     ours = sample_images(policy, reports, 4, 0.0, cfg.rollout.guidance_scale, noise, torch.Generator())

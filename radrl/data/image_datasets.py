@@ -374,6 +374,18 @@ SKIP_MISSING = "missing"
 SKIP_CORRUPT = "corrupt"
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what radrl reads from a folder of images
+
+
+def read_image(path: Path, size: int) -> torch.Tensor:
+    """load_grayscale, with an error that names the file (for images a user points at; datasets skip bad ones)."""
+    try:
+        return load_grayscale(path, size)
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
+        raise ValueError(f"cannot read image {path}: {type(error).__name__}: {error}; remove or replace it and run "
+                         "again") from error
+
+
 def load_grayscale(path: Path, size: int) -> torch.Tensor:
     """Image file → float32 [1, size, size] in [0, 1]: centre crop to square, then resize.
 

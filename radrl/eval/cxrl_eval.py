@@ -63,10 +63,7 @@ def evaluation_worker(cfg: ExperimentConfig, checkpoint: Path | None) -> Rollout
         worker.load_weights(PublishedWeights(0, {k: v.numpy() for k, v in worker.policy.trainable_state().items()}))
         return worker
     tensors, state = load_checkpoint(checkpoint)
-    weights = {k.removeprefix("policy/"): v.numpy() for k, v in tensors.items() if k.startswith("policy/")}
-    if not weights:
-        raise ValueError(f"{checkpoint} holds no CXRL policy tensors (policy/…); is it an LM-RRG checkpoint?")
-    worker.load_weights(PublishedWeights(state["weight_version"], weights))
+    worker.load_weights(PublishedWeights.from_checkpoint(tensors, state, str(checkpoint)))
     return worker
 
 

@@ -10,6 +10,7 @@ from radrl.checkpoints import load_checkpoint
 from radrl.config import ExperimentConfig
 
 CARD = "README.md"
+EXPORT_FILE = "export.json"  # what was exported, from which run, with its training config
 
 
 def export_run(path: Path, out: Path | None = None, merged: bool = False) -> tuple[Path, dict]:
@@ -114,7 +115,15 @@ The decoder alone loads with `PeftModel.from_pretrained(AutoModelForCausalLM.fro
     return body + f"\n## Held-out results of the run\n\n{held_out_results(run_dir)}\n"
 
 
-def read_export(folder: Path) -> dict | None:
-    """export.json of an export folder, or None if `folder` is not one."""
-    path = Path(folder) / "export.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_export(folder: Path, required: bool = True) -> dict | None:
+    """export.json of an export folder; a folder that is not one: an error, or None when not `required`."""
+    path = Path(folder) / EXPORT_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    if required:
+        raise FileNotFoundError(f"{folder} is not a radrl export (no {EXPORT_FILE}); write one with `radrl export RUN`")
+    return None
+
+
+def write_export(out: Path, info: dict) -> None:
+    (Path(out) / EXPORT_FILE).write_text(json.dumps(info, indent=1))

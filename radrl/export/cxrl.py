@@ -13,7 +13,6 @@ ACE is a prefix on the text encoder's output, not a token of its vocabulary (so 
 
 from __future__ import annotations
 
-import json
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +25,11 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from radrl.config import EMBEDDED, RANDOM, ExperimentConfig
+from radrl.export import read_export, write_export
 from radrl.models.diffusion_policy import DiffusionPolicy, PublishedWeights
 
 ACE_FILE = "ace.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
-EXPORT_FILE = "export.json"
 
 
 @contextmanager
@@ -47,18 +46,16 @@ def quiet_diffusers():
         diffusers_logging.set_verbosity(level)
 
 
-def policy_from_checkpoint(cfg: ExperimentConfig, tensors: dict[str, torch.Tensor], version: int) -> DiffusionPolicy:
+def policy_from_checkpoint(cfg: ExperimentConfig, tensors: dict[str, torch.Tensor], state: dict) -> DiffusionPolicy:
     """The config's policy (CPU, fp32) holding a checkpoint's LoRA + ACE."""
     from radrl.rollout.worker import build_policy
 
-    weights = {k.removeprefix("policy/"): v.numpy() for k, v in tensors.items() if k.startswith("policy/")}
-    if not weights:
-        raise ValueError("the checkpoint holds no CXRL policy tensors (policy/…); is it an LM-RRG checkpoint?")
+    weights = PublishedWeights.from_checkpoint(tensors, state, "the checkpoint")
     speed = cfg.models.diffusion
     cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"diffusion": speed.model_copy(update={
         "precision": "fp32", "compile": False, "channels_last": False})})})
     policy = build_policy(cfg, "cpu")
-    policy.load_trainable_state(PublishedWeights(version, weights).tensors)
+    policy.load_trainable_state(weights.tensors)
     return policy
 
 
@@ -93,7 +90,7 @@ def as_pipeline(policy: DiffusionPolicy) -> StableDiffusionPipeline:
 def export_cxrl(cfg: ExperimentConfig, checkpoint: Path, tensors: dict[str, torch.Tensor], state: dict,
                 out: Path) -> dict:
     """Write the export (see the module docstring); returns what export.json holds."""
-    policy = policy_from_checkpoint(cfg, tensors, state["weight_version"])
+    policy = policy_from_checkpoint(cfg, tensors, state)
     out.mkdir(parents=True, exist_ok=True)
     lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy.unet, adapter_name="default"))
     lora = {k: v.detach().float().contiguous() for k, v in lora.items()}
@@ -120,7 +117,7 @@ def export_cxrl(cfg: ExperimentConfig, checkpoint: Path, tensors: dict[str, torc
             "sampling": {"num_inference_steps": rollout.num_steps, "eta": rollout.eta,
                          "guidance_scale": rollout.guidance_scale},
             "config": cfg.model_dump(mode="json")}
-    (out / EXPORT_FILE).write_text(json.dumps(info, indent=1))
+    write_export(out, info)
     return info
 
 
@@ -147,16 +144,15 @@ def ace_prompt_embeds(pipe: StableDiffusionPipeline, prompts: list[str], ace: to
 def load_pipeline(export_dir: Path, base: str | None = None) -> StableDiffusionPipeline:
     """The export's base pipeline with its LoRA loaded and radrl's DDIM scheduler; `base` overrides export.json's."""
     export_dir = Path(export_dir)
-    info = json.loads((export_dir / EXPORT_FILE).read_text())
+    info = read_export(export_dir)
     base = base or info["base"]
-    local = export_dir / base
+    source = str(export_dir / base) if (export_dir / base).is_dir() else base  # the export's base/, a folder, a hub id
     extra = {"vae": None} if info["pixel_space"] else {}  # the shipped tiny model denoises pixels: no VAE
     with quiet_diffusers():
-        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.is_dir() else base, safety_checker=None,
-                                                       requires_safety_checker=False, **extra)
+        pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False,
+                                                       **extra)
     # radrl samples with DDIM on the base's scheduler config, read from its file: the pipeline's constructor sets
     # clip_sample=False, which is wrong for the pixel-space tiny model
-    source = str(local) if local.is_dir() else base
     pipe.scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
     with quiet_diffusers():
         pipe.load_lora_weights(str(export_dir), weight_name=LORA_FILE)

@@ -12,7 +12,6 @@ A supervised-stage checkpoint has no adapter: its decoder is the supervised one.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -20,9 +19,9 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from radrl.config import RANDOM, ExperimentConfig
+from radrl.export import read_export, write_export
 from radrl.models.report_generator import ReportGenerator, ReportPolicy, build_report_generator
 
-EXPORT_FILE = "export.json"
 VISUAL_FILE = "visual.safetensors"
 
 
@@ -54,7 +53,7 @@ def export_rrg(cfg: ExperimentConfig, policy: ReportPolicy, checkpoint: Path, st
     info = {"task": "rrg", "checkpoint": str(checkpoint), "iteration": state["iteration"],
             "stage": policy.stage, "adapter": adapter, "merged": merged and adapter,
             "config": cfg.model_dump(mode="json")}
-    (out / EXPORT_FILE).write_text(json.dumps(info, indent=1))
+    write_export(out, info)
     return info
 
 
@@ -62,7 +61,7 @@ def load_report_generator(export_dir: Path, merged: bool = False, device: str = 
     """The exported report generator, ready for `greedy_reports(images)`: the decoder from DIR/decoder plus the
     PEFT adapter (or DIR/decoder_merged with `merged`), the rest from visual.safetensors."""
     export_dir = Path(export_dir)
-    info = json.loads((export_dir / EXPORT_FILE).read_text())
+    info = read_export(export_dir)
     if info["task"] != "rrg":
         raise ValueError(f"{export_dir} is a {info['task']} export, not an LM-RRG one")
     if merged and not info["merged"]:
@@ -88,12 +87,3 @@ def load_report_generator(export_dir: Path, merged: bool = False, device: str = 
         raise ValueError(f"{export_dir / VISUAL_FILE} does not match the exported config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     return generator.to(device).eval()
-
-
-@torch.no_grad()
-def export_reports(generator: ReportGenerator, images: torch.Tensor, batch_size: int = 16) -> list[str]:
-    """Greedy reports of images [N, 1, S, S] in [0, 1]."""
-    texts = []
-    for start in range(0, len(images), batch_size):
-        texts += generator.greedy_reports(images[start:start + batch_size])
-    return texts

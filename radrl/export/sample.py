@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def source_config(source: Path) -> tuple[ExperimentConfig, dict | None, Path | N
     """(training config, export.json or None, checkpoint or None) of a run folder, checkpoint folder or export."""
     from radrl.eval.run import resolve_checkpoint
 
-    info = read_export(source)
+    info = read_export(source, required=False)
     if info is not None:
         return ExperimentConfig.model_validate(info["config"]), info, None
     checkpoint = resolve_checkpoint(source)
@@ -54,28 +55,23 @@ def sample_cxrl(cfg: ExperimentConfig, info: dict | None, checkpoint: Path | Non
     eta = rollout.eta if eta is None else eta
     images = {}
     if info is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
         from radrl.eval.cxrl_eval import evaluation_worker
         from radrl.rollout.sampler import sample_images
         from radrl.rollout.worker import generators
 
-        worker = evaluation_worker(cfg, checkpoint)
-        policy = worker.policy
+        policy = evaluation_worker(cfg, checkpoint).policy
         for model in (("anchor",) if anchor else ()) + ("policy",):
             parts = []
             for start in progress(range(0, len(reports), rollout.batch_size), desc=f"sampling {model}",
                                   unit="batch"):
                 batch = reports[start:start + rollout.batch_size]
                 rows = [seed * 1_000_003 + start + i for i in range(len(batch))]  # a report's noise: its position
-                noise = torch.stack([torch.randn(policy.models.latent_shape, generator=g)
-                                     for g in generators(rows, "cpu")])
-                steps = generators([r + 1 for r in rows], "cpu")
-                if model == "anchor":
-                    with policy.anchor():
-                        parts.append(sample_images(policy, batch, rollout.num_steps, eta, rollout.guidance_scale,
-                                                   noise, steps))
-                else:
-                    parts.append(sample_images(policy, batch, rollout.num_steps, eta, rollout.guidance_scale,
-                                               noise, steps))
+                noise = randn_tensor((len(batch), *policy.models.latent_shape), generator=generators(rows, "cpu"))
+                with policy.anchor() if model == "anchor" else nullcontext():
+                    parts.append(sample_images(policy, batch, rollout.num_steps, eta, rollout.guidance_scale, noise,
+                                               generators([r + 1 for r in rows], "cpu")))
             images[model] = torch.cat(parts).cpu()
     else:
         from radrl.export.cxrl import ace_prompt_embeds, load_ace, load_pipeline, to_unit_images
@@ -125,21 +121,14 @@ def sample_rrg(cfg: ExperimentConfig, info: dict | None, checkpoint: Path | None
 
 def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[str]]:
     """Image files (or folders of them) → [N, 1, size, size] in [0, 1] and their names; a clear error for a bad one."""
-    from radrl.data.image_datasets import load_grayscale
+    from radrl.data.image_datasets import IMAGE_SUFFIXES, read_image
 
     files = []
     for path in paths:
-        files += sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) \
-            if path.is_dir() else [path]
+        files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"no PNG/JPEG images in {', '.join(map(str, paths))}")
-    loaded = []
-    for file in files:
-        try:
-            loaded.append(load_grayscale(file, size))
-        except Exception as error:  # noqa: BLE001 - PIL raises many types on bad bytes
-            raise ValueError(f"cannot read image {file}: {type(error).__name__}: {error}") from error
-    return torch.stack(loaded), [f.name for f in files]
+    return torch.stack([read_image(file, size) for file in files]), [f.name for f in files]
 
 
 def held_out_by_index(cfg: ExperimentConfig, indexes: list[int]):

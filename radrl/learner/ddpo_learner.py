@@ -107,12 +107,13 @@ class DDPOLearner:
                     # micro-batches: the minibatch's mean loss, its gradient accumulated a few samples at a time
                     # (memory only: the same update up to float summation order)
                     for part in range(0, len(index), micro):
-                        rows, share = slice(part, part + micro), len(index[part:part + micro]) / len(index)
+                        rows = slice(part, part + micro)  # of the minibatch
+                        chains = index[rows]  # of the batch
+                        share = len(chains) / len(index)
                         log_prob = step_log_prob(self.policy, batch, step[rows], cond[rows], uncond[rows],
-                                                 rollout.eta, rollout.guidance_scale,
-                                                 index=index[rows].to(self.device))
-                        loss, info = ddpo_loss(log_prob, batch.log_probs[index[rows], step[rows]],
-                                               advantages[index[rows]], learner.clip_range, learner.adv_clip_max)
+                                                 rollout.eta, rollout.guidance_scale, index=chains.to(self.device))
+                        loss, info = ddpo_loss(log_prob, batch.log_probs[chains, step[rows]], advantages[chains],
+                                               learner.clip_range, learner.adv_clip_max)
                         (loss * share / steps_trained).backward()  # accumulated over micro-batches and timesteps
                         parts["loss"] += float(loss.detach()) * share
                         parts["approx_kl"] += info["approx_kl"] * share

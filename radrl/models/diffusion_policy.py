@@ -37,6 +37,14 @@ class PublishedWeights:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @classmethod
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], state: dict, where: str) -> PublishedWeights:
+        """The LoRA + ACE of a CXRL checkpoint's tensors (its `policy/…` names) at its weight version."""
+        weights = {k.removeprefix("policy/"): v.numpy() for k, v in tensors.items() if k.startswith("policy/")}
+        if not weights:
+            raise ValueError(f"{where} holds no CXRL policy tensors (policy/…); is it an LM-RRG checkpoint?")
+        return cls(state["weight_version"], weights)
+
 
 class DiffusionPolicy(nn.Module):
     """UNet noise prediction for the policy (LoRA + ACE) or, inside `anchor()`, the base model."""

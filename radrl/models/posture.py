@@ -65,6 +65,17 @@ def alignment_loss(model: PostureRegressor, images: torch.Tensor, canonical: tor
     return F.mse_loss(aligned, canonical.expand_as(aligned))
 
 
+def alignment_step(model: PostureRegressor, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                   canonical: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on the alignment loss, gradient norm clipped to 1; returns the batch's loss."""
+    loss = alignment_loss(model, images, canonical)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.detach()
+
+
 def build_posture(cfg: PostureModelConfig) -> PostureRegressor:
     """Build the regressor the config names (shipped tiny weights, random init, or a local file)."""
     if cfg.weights == RANDOM:

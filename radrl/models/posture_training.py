@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radrl.data.image_datasets import load_grayscale, mimic_image_paths
-from radrl.models.posture import PostureRegressor, alignment_loss, r_align
+from radrl.data.image_datasets import IMAGE_SUFFIXES, mimic_image_paths, read_image
+from radrl.models.posture import PostureRegressor, alignment_loss, alignment_step, r_align
 from radrl.models.weights import save_state
 from radrl.progress import progress
 
 log = logging.getLogger("radrl")
 CANONICAL_FILMS = 500  # the paper's canonical image: the mean of 500 random training CXRs
-SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def posture_image_files(source: Path, limit: int | None = None, seed: int = 0) -> list[Path]:
@@ -34,7 +33,7 @@ def posture_image_files(source: Path, limit: int | None = None, seed: int = 0) -
     if any(source.glob("mimic-cxr-2.0.0-metadata.csv*")):
         files = mimic_image_paths(source, "train")
     else:
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no PNG/JPEG films under {source}")
     if limit is not None and limit < len(files):
@@ -52,11 +51,7 @@ class Films(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        try:
-            return load_grayscale(self.files[index], self.size)
-        except Exception as error:  # noqa: BLE001 - PIL raises many types on bad bytes
-            raise ValueError(f"cannot read film {self.files[index]}: {type(error).__name__}: {error}; remove it or "
-                             "fix it and run again") from error
+        return read_image(self.files[index], self.size)
 
 
 def canonical_film(films: Films, seed: int, count: int = CANONICAL_FILMS) -> torch.Tensor:
@@ -96,11 +91,7 @@ def train_posture_regressor(source: Path, out: Path, arch: str = "resnet18", ima
     for epoch in progress(range(epochs), desc="posture regressor", unit="epoch"):
         model.train()
         for batch in train:
-            loss = alignment_loss(model, batch, canonical)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            alignment_step(model, optimizer, batch, canonical)
         history.append(mean_loss_and_r_align(model, measure, canonical))
         log.info("posture epoch %d/%d: alignment L2 %.5f (upright %.5f), mean r_align %.4f", epoch + 1, epochs,
                  history[-1][0], before[0], history[-1][1])

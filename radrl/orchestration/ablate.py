@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import time
-
-import numpy as np
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 from radrl.config import ExperimentConfig
 from radrl.eval.ablation import Cell, ablation_figure, ablation_tables, grid, variant_names
