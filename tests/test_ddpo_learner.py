@@ -223,5 +223,8 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch():
     # 2e-4 of the gradient's norm here; a wrong micro-batch weighting would be off by tens of percent
     for ours, theirs in zip(micro_gradients[0], whole_gradients[0]):
         assert float((ours - theirs).norm()) <= 1e-3 * float(theirs.norm())  # (LoRA A: 0 while B is 0)
-    for key in ("loss", "approx_kl", "clipfrac", "grad_norm"):
-        assert micro[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key  # loss ≈ 0: advantages sum to 0
+    for key in ("approx_kl", "clipfrac", "grad_norm"):
+        assert micro[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-6), key
+    # the loss is a mean of ±|A|·ρ terms whose advantages sum to 0: its ~1e-6 remainder is float cancellation, and
+    # moves with the thread count; compare it on the scale of its terms
+    assert abs(micro["loss"] - whole["loss"]) <= 1e-5 * whole["advantage_abs"]
