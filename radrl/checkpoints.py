@@ -185,7 +185,10 @@ def training_changes(saved: dict, current: dict) -> str:
 
 
 def check_resumable(saved: dict, current: dict) -> None:
-    """Refuse to resume under a config that changes what is being trained."""
-    if details := training_changes(saved, current):
+    """Refuse to resume under a config that changes what is being trained (options added since the checkpoint
+    was written count at their defaults)."""
+    from radrl.config import with_current_defaults
+
+    if details := training_changes(with_current_defaults(saved), current):
         raise ValueError(f"--resume: the config differs from the checkpoint's in what is trained ({details}); "
                          "resume with the original config or start a new run_dir")

@@ -480,6 +480,16 @@ def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCon
     return _validated(apply_overrides(cfg.model_dump(mode="json"), overrides), "")
 
 
+def with_current_defaults(saved: dict) -> dict:
+    """A config dict written by an older radrl, with the settings added since at their defaults, so that it compares
+    equal to today's config of the same run (a new option that keeps the old behaviour is not a change). A dict
+    this version no longer validates is returned as it is."""
+    try:
+        return ExperimentConfig.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
+
+
 def _validated(raw: dict, where: str) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from radrl.config import ExperimentConfig
+from radrl.config import ExperimentConfig, with_current_defaults
 from radrl.eval.ablation import Cell, ablation_figure, ablation_tables, grid, variant_names
 from radrl.orchestration.actors import init_ray
 from radrl.progress import progress
@@ -59,7 +59,9 @@ def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "orchestration"}  # where it ran: free
     if done.is_file():
         result = json.loads(done.read_text())
-        if result.get("config") != settings:
+        saved = result.get("config") or {}
+        saved = {k: v for k, v in with_current_defaults({**saved, "orchestration": {}}).items() if k != "orchestration"}
+        if saved != settings:
             raise ValueError(f"{done} holds results of another config; delete {cell.folder} to recompute this cell, "
                              "or give the ablation another --out")
         return result
