@@ -161,7 +161,7 @@ def valid_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict
 
 
 # Settings a resumed run may change: where and how big it runs, not what it learns.
-RESUMABLE_CHANGES = ("learner.iterations", "orchestration.", "logging.", "evaluation.", "rollout.num_workers",
+RESUMABLE_CHANGES = ("learner.iterations", "learner.time_budget_minutes", "orchestration.", "logging.", "evaluation.", "rollout.num_workers",
                      ".resources.", "rewards.replicas")
 
 

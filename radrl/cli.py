@@ -125,6 +125,17 @@ def train(
         typer.echo(f"radrl train: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(table)
+    if cfg.task == "cxrl" and cfg.evaluation.after_training:  # the image metrics a reward cannot show (FID, diversity)
+        from radrl.eval.run import run_evaluation
+
+        try:
+            _, evaluated = run_evaluation(cfg, cfg.logging.run_dir)
+        except (MissingWeightsError, FileNotFoundError, ValueError) as error:
+            typer.echo(f"radrl train: the run finished and is saved, but its evaluation failed: {error}; run "
+                       f"`radrl eval --checkpoint {cfg.logging.run_dir}` once the cause is fixed", err=True)
+            raise typer.Exit(1) from None
+        typer.echo("\n" + evaluated.read_text())
+        typer.echo(f"evaluation written to {evaluated.parent}")
 
 
 def _setup_logging() -> None:
@@ -306,6 +317,42 @@ def ablate(
         typer.echo(f"radrl ablate: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(tables)
+
+
+@app.command(name="compare-learners")
+def compare_learners(
+    path: Annotated[Path | None, typer.Argument(help="CXRL config of every cell, with its learner.time_budget_minutes "
+                                                     "(default: configs/compare_learners_tiny.yaml)")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per learner (0, 1, …)")] = 3,
+    out: Annotated[Path, typer.Option(help="output folder: tables, curves.png, one subfolder per cell")] = Path(
+        "runs/compare_learners"),
+    local: Annotated[bool, typer.Option("--local", help="run the cells one by one in this process, no Ray")] = False,
+    address: Annotated[str | None, typer.Option(help="run the cells on a Ray cluster ('auto': the one on this node)")] = None,
+    cpus_per_cell: Annotated[float, typer.Option(min=1, help="CPUs (and torch threads) per cell")] = 1.0,
+    gpus_per_cell: Annotated[float, typer.Option(min=0, help="GPUs per cell (fractions share a device)")] = 0.0,
+    variant: Annotated[list[str] | None, typer.Option(help="only these learners (repeatable): ddpo, draft_k1, "
+                                                           "draft_k3, anchor")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set learner.time_budget_minutes=3")] = None,
+) -> None:
+    """DDPO against reward backpropagation (DRaFT-K) at equal wall-clock budget over seeds: held-out curves against
+    training time and images, and the paper's metrics at the end. Finished cells are kept (rerun to resume)."""
+    path = path or DEFAULT_CONFIG.parent / "compare_learners_tiny.yaml"
+    cfg = _load_config(path, list(set_ or []) + ([f"orchestration.address={address}"] if address else []))
+    if cfg.task != "cxrl" or cfg.learner.time_budget_minutes is None:
+        typer.echo(f"radrl compare-learners: {path} must be a cxrl config with learner.time_budget_minutes set (the "
+                   "equal budget every learner gets)", err=True)
+        raise typer.Exit(2)
+    _setup_logging()
+    from radrl.orchestration.ablate import run_ablation
+
+    try:
+        tables = run_ablation({path.stem: cfg}, seeds, out, local, cpus_per_cell, gpus_per_cell, tuple(variant or ()),
+                              kinds={path.stem: "learners"})
+    except (RuntimeError, ValueError) as error:
+        typer.echo(f"radrl compare-learners: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(tables)
+    typer.echo(f"curves: {out / path.stem / 'curves.png'}")
 
 
 @app.command()

@@ -222,6 +222,17 @@ class RewardsConfig(Section):
 
 class LearnerConfig(Section):
     iterations: int = Field(100, ge=0, description="sample→score→update rounds (rrg: 0 = the supervised stage only)")
+    time_budget_minutes: float | None = Field(
+        None, gt=0, description="cxrl: also stop once training (sampling, scoring, updates; not the held-out checks) "
+                                "has taken this many minutes of wall time: equal-compute comparisons")
+    algorithm: Literal["ddpo", "draft"] = Field(
+        "ddpo", description="cxrl: ddpo (policy gradient on the recorded trajectories, the paper's) or draft (reward "
+                            "backpropagation through the last draft_steps denoising steps, DRaFT-K)")
+    draft_steps: int = Field(1, ge=1, description="cxrl, draft: K, the last denoising steps the learner replays with "
+                                                  "gradients from the rollout's x at step T−K and its recorded noise")
+    anchor_penalty: float = Field(0.0, ge=0, description=(
+        "cxrl, draft: weight of the L2 anchor penalty, the mean over the K replayed steps of "
+        "‖ε_θ(x_t) − ε_anchor(x_t)‖² (per element): keeps the denoiser near the frozen base, against reward hacking"))
     batch_size: int = Field(8, ge=1, description="trajectories per gradient step")
     gradient_checkpointing: bool = Field(False, description="cxrl: the learner's UNet recomputes activations in the "
                                                            "backward pass (diffusers' gradient checkpointing): less "
@@ -308,9 +319,15 @@ class LoggingConfig(Section):
     keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept (older ones deleted); 0 keeps all")
     eval_reports: int = Field(32, ge=1, description="held-out reports in the start and end evaluation")
     eval_seed: int = Field(1234, description="noise seed of the evaluation samples (same for every run)")
+    eval_every: int | None = Field(None, ge=1, description=(
+        "cxrl: every this many iterations, score the policy on the eval_reports held-out reports at fixed noise "
+        "(rewards and mean AUROC, 'heldout/…' against training wall time and images generated); None = start and end only"))
 
 
 class EvaluationConfig(Section):
+    after_training: bool = Field(True, description=(
+        "cxrl: `radrl train` ends with `radrl eval` on the final checkpoint: FID, MS-SSIM diversity and AUROC of "
+        "policy and anchor next to the rewards (<run_dir>/eval/)"))
     reports: int = Field(128, ge=2, description="`radrl eval`: held-out reports (cxrl) or images (rrg), a seeded draw")
     diversity_reports: int = Field(16, ge=1, description="cxrl: reports sampled several times for MS-SSIM diversity")
     diversity_samples: int = Field(4, ge=2, description="cxrl: samples per report for MS-SSIM diversity")
@@ -367,6 +384,12 @@ class ExperimentConfig(Section):
                              "to 1 or more (the importance ratio corrects one version of staleness)")
         if rollout.precompute_anchor and not rollout.anchor_cache:
             raise ValueError("rollout.precompute_anchor fills the anchor cache: set rollout.anchor_cache=true too")
+        if self.learner.algorithm == "draft":
+            if self.task != "cxrl":
+                raise ValueError("learner.algorithm=draft backpropagates image rewards: it is for task cxrl")
+            if self.learner.draft_steps > self.rollout.num_steps:
+                raise ValueError(f"learner.draft_steps = {self.learner.draft_steps} exceeds the rollout's "
+                                 f"{self.rollout.num_steps} denoising steps (rollout.num_steps)")
         if self.task == "rrg" and self.rollout.samples_per_report < 2:
             raise ValueError("rollout.samples_per_report must be ≥ 2 for rrg: a report's advantage is its reward minus "
                              "the mean of the other reports sampled for the same image")

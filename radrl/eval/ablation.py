@@ -52,6 +52,14 @@ CXRL_VARIANTS = (
     Variant("diag_only", "+diag", ("rewards.lambda_align=0", "rewards.lambda_consist=0")),
     Variant("consist_only", "+consist", ("rewards.lambda_align=0", "rewards.lambda_diag=0")),
 )
+# `radrl compare-learners`: DDPO against reward backpropagation (DRaFT-K) on the same actors, rewards, anchor and
+# evaluation, each cell stopped by the same wall-clock budget (learner.time_budget_minutes of its config).
+LEARNER_VARIANTS = (
+    Variant("anchor", "anchor (frozen base)", train=False, model="anchor", seeded=False),
+    Variant("ddpo", "DDPO (the paper's learner)", ("learner.algorithm=ddpo",)),
+    Variant("draft_k1", "DRaFT-1 (reward backprop, last step)", ("learner.algorithm=draft", "learner.draft_steps=1")),
+    Variant("draft_k3", "DRaFT-3 (reward backprop, last 3 steps)", ("learner.algorithm=draft", "learner.draft_steps=3")),
+)
 RRG_VARIANTS = (
     Variant("supervised", "w/o CQRL (supervised only)", ("learner.iterations=0",), model="supervised"),
     Variant("bleu4", "BLEU-4 reward", ("rewards.rrg_reward=bleu4",), starts_from="supervised"),
@@ -64,6 +72,8 @@ TABLES = {
               ("r_align", "auroc", "clip", "fid", "ms_ssim")),
              ("CXRL rewards (paper reward ablation)", ("align_only", "diag_only", "consist_only", "full"),
               ("r_align", "auroc", "clip", "fid"))),
+    "learners": (("Learners at equal wall-clock budget (held-out, unseen reports)", ("anchor", "ddpo", "draft_k1", "draft_k3"),
+                  ("r_align", "auroc", "clip", "fid", "ms_ssim")),),
     "rrg": (("LM-RRG ablation (paper Table 1)", ("supervised", "bleu4", "fixed_kl", "full"),
              ("bleu4", "meteor", "rouge_l", "ce_precision", "ce_recall", "ce_f1", "radcliq_v0", "radcliq_v1")),),
 }
@@ -78,14 +88,16 @@ PAPER = {
                      "ce_f1": 0.484, "radcliq_v1": 0.865},
             "supervised": {"radcliq_v1": 1.023}, "bleu4": {"radcliq_v1": 1.102}, "fixed_kl": {"radcliq_v1": 0.901}},
 }
-LABELS = {"cxrl": CXRL_LABELS, "rrg": RRG_LABELS}
+PAPER["learners"] = {}  # neither paper compares learners
+LABELS = {"cxrl": CXRL_LABELS, "rrg": RRG_LABELS, "learners": CXRL_LABELS}
+GRIDS = {"cxrl": CXRL_VARIANTS, "rrg": RRG_VARIANTS, "learners": LEARNER_VARIANTS}
 
 
 @dataclass(frozen=True)
 class Cell:
     """One variant at one seed, run in its own folder."""
 
-    task: str
+    task: str  # the grid's kind: cxrl, rrg or learners
     variant: Variant
     seed: int
     folder: Path
@@ -104,27 +116,29 @@ class Cell:
         return with_overrides(base, overrides)
 
 
-def grid(cfg: ExperimentConfig, seeds: int, out_dir: Path, only: tuple[str, ...] = ()) -> dict[str, Cell]:
-    """Every cell of the config's task (or of the `only` variants and what they start from), in an order where
-    each cell comes after the one it starts from."""
-    chosen = variants(cfg.task)
+def grid(cfg: ExperimentConfig, seeds: int, out_dir: Path, only: tuple[str, ...] = (), kind: str | None = None
+         ) -> dict[str, Cell]:
+    """Every cell of the grid `kind` (default: the config's task's ablation) or of its `only` variants and what they
+    start from, in an order where each cell comes after the one it starts from."""
+    kind = kind or cfg.task
+    chosen = variants(kind)
     if only:
         names = {v.name for v in chosen}
         if set(only) - names:
-            raise ValueError(f"unknown {cfg.task} variant(s) {sorted(set(only) - names)}; choose from {sorted(names)}")
+            raise ValueError(f"unknown {kind} variant(s) {sorted(set(only) - names)}; choose from {sorted(names)}")
         needed = set(only) | {v.starts_from for v in chosen if v.name in only and v.starts_from}
         chosen = tuple(v for v in chosen if v.name in needed)
     cells = {}
     for variant in chosen:
         for seed in range(seeds) if variant.seeded else (cfg.seed,):
             key = cell_key(variant, seed)
-            cells[key] = Cell(cfg.task, variant, seed, Path(out_dir) / "cells" / key)
+            cells[key] = Cell(kind, variant, seed, Path(out_dir) / "cells" / key)
     return cells
 
 
-def variants(task: str) -> tuple[Variant, ...]:
-    """The ablation grid of a task."""
-    return CXRL_VARIANTS if task == "cxrl" else RRG_VARIANTS
+def variants(kind: str) -> tuple[Variant, ...]:
+    """The rows of a grid: a task's ablation ('cxrl', 'rrg') or the learner comparison ('learners')."""
+    return GRIDS[kind]
 
 
 def variant_names(task: str) -> tuple[str, ...]:
@@ -157,12 +171,13 @@ def ablation_tables(task: str, results: list[dict], seeds: int) -> str:
                 cells.append("not run" if found is None else f"{found[0]:.4f} ± {found[1]:.4f}"
                              + (f" (n={found[2]})" if by_name[row].seeded and found[2] != seeds else ""))
             lines.append(f"| {by_name[row].label} | " + " | ".join(cells) + " |")
-        lines += ["", f"### {title}: the paper (MIMIC-CXR, full-size models)", "", header,
-                  "|---" * (len(columns) + 1) + "|"]
-        for row in rows:
-            paper = PAPER[task].get(row, {})
-            cells = [f"{paper[c]:.3f}" if c in paper else "–" for c in columns]
-            lines.append(f"| {by_name[row].label} | " + " | ".join(cells) + " |")
+        if PAPER[task]:
+            lines += ["", f"### {title}: the paper (MIMIC-CXR, full-size models)", "", header,
+                      "|---" * (len(columns) + 1) + "|"]
+            for row in rows:
+                paper = PAPER[task].get(row, {})
+                cells = [f"{paper[c]:.3f}" if c in paper else "–" for c in columns]
+                lines.append(f"| {by_name[row].label} | " + " | ".join(cells) + " |")
         if task == "rrg":
             lines += ["", "The paper gives one RadCliQ without naming its version; it is shown in the v1 column."]
         parts.append("\n".join(lines))
@@ -176,6 +191,9 @@ def ablation_tables(task: str, results: list[dict], seeds: int) -> str:
 TRAINING_COLUMNS = {"cxrl": (("reward/total", "training reward (total)"),
                              ("reward/win_rate_vs_anchor", "win rate vs anchor"),
                              ("ddpo/advantage_abs", "mean |advantage|")),
+                "learners": (("iterations", "iterations"), ("time/train_seconds", "training wall time (s)"),
+                             ("time/images", "images generated"), ("reward/total", "training reward (total)"),
+                             ("heldout/auroc", "held-out AUROC, last check")),
                     "rrg": (("reward/radcliq", "reward (RadCliQ)"), ("reward/bleu4", "reward (BLEU-4)"),
                             ("ppo/lambda_kl", "λ_KL"), ("ppo/kl", "KL to reference (nats/token)"),
                             ("ppo/entropy", "entropy (nats/token)"))}

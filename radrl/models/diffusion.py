@@ -60,6 +60,10 @@ class DiffusionModels:
     @torch.no_grad()
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Denoised samples (pixels or latents) → grayscale images [B, 1, H, W] in [0, 1]."""
+        return self.decode(samples)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """`to_images`, differentiable (reward backpropagation through the VAE decoder)."""
         if self.vae is not None:
             samples = self.vae.decode(samples.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         images = (samples.float().clamp(-1, 1) + 1) / 2

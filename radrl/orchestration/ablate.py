@@ -74,6 +74,7 @@ def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads
                                    cell.folder / "eval")
     result = {"cell": cell.key, "variant": cell.variant.name, "seed": cell.seed, "model": cell.variant.model,
               "metrics": evaluation["metrics"][cell.variant.model], "seconds": time.perf_counter() - start,
+              "real": evaluation["metrics"].get("real"),  # the reports' own images: the ceiling
               "training": training_summary(cell.folder), "backends": evaluation.get("backends"), "config": settings}
     staging = done.with_suffix(f".tmp{os.getpid()}")
     staging.write_text(json.dumps(result, indent=1))
@@ -85,18 +86,24 @@ def run_cell(cell: Cell, base: ExperimentConfig, cells: dict[str, Cell], threads
 # between adaptive and fixed λ_KL; CXRL: the reward the update saw).
 TRAINING_KEYS = ("ppo/lambda_kl", "ppo/kl", "ppo/entropy", "reward/radcliq", "reward/bleu4", "reward/total",
                  "ddpo/advantage_abs", "reward/win_rate_vs_anchor")
+LAST_KEYS = ("time/train_seconds", "time/images", "heldout/auroc", "heldout/total")  # running totals, checks: the last
 
 
 def training_summary(folder: Path) -> dict[str, float]:
-    """Mean over the cell's CQRL/DDPO iterations of each TRAINING_KEYS scalar it logged (empty if it did not train)."""
+    """Mean over the cell's CQRL/DDPO iterations of each TRAINING_KEYS scalar it logged, the last value of each
+    LAST_KEYS one, and the iteration count (empty if it did not train)."""
     from radrl.orchestration.tracking import HISTORY_FILE, read_history
 
     rows = read_history(folder / HISTORY_FILE)
-    found = {}
+    found = {"iterations": float(len(rows))} if rows else {}
     for key in TRAINING_KEYS:
         values = [row[key] for row in rows if key in row]
         if values:
             found[key] = float(np.mean(values))
+    for key in LAST_KEYS:
+        values = [row[key] for row in rows if key in row]
+        if values:
+            found[key] = float(values[-1])
     return found
 
 
@@ -115,18 +122,20 @@ def brief(result: dict) -> str:
 
 
 def run_ablation(grids: dict[str, ExperimentConfig], seeds: int, out_dir: Path, local: bool = False,
-                 cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0, only: tuple[str, ...] = ()) -> str:
+                 cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0, only: tuple[str, ...] = (),
+                 kinds: dict[str, str] | None = None) -> str:
     """Run every unfinished cell of each grid (name → config; `only`: just these variants and what they start
-    from), then write and return the tables (Markdown)."""
+    from; `kinds`: name → grid kind, default the config's task's ablation), then write and return the tables."""
     start = time.perf_counter()
-    known = {v for cfg in grids.values() for v in variant_names(cfg.task)}
+    kinds = {name: (kinds or {}).get(name, cfg.task) for name, cfg in grids.items()}
+    known = {v for name in grids for v in variant_names(kinds[name])}
     if set(only) - known:
         raise ValueError(f"unknown variant(s) {sorted(set(only) - known)}; choose from {sorted(known)}")
     all_cells = {}
     for name, cfg in grids.items():
-        mine = tuple(v for v in only if v in variant_names(cfg.task))
+        mine = tuple(v for v in only if v in variant_names(kinds[name]))
         if mine or not only:
-            all_cells[name] = grid(cfg, seeds, Path(out_dir) / name, mine)
+            all_cells[name] = grid(cfg, seeds, Path(out_dir) / name, mine, kinds[name])
     grids = {name: grids[name] for name in all_cells}
     jobs = [(name, cell) for name, cells in all_cells.items() for cell in cells.values()]
     finished = sum((cell.folder / "cell.json").is_file() for _, cell in jobs)
@@ -154,7 +163,7 @@ def run_ablation(grids: dict[str, ExperimentConfig], seeds: int, out_dir: Path, 
             done(name, cell, outcome)
     else:
         run_on_ray(jobs, grids, all_cells, threads, cpus_per_cell, gpus_per_cell, done)
-    tables = write_tables(grids, results, seeds, Path(out_dir))
+    tables = write_tables(grids, results, seeds, Path(out_dir), kinds)
     log.info("ablation done in %.0f s; tables in %s", time.perf_counter() - start, Path(out_dir) / "ablation.md")
     if failures:
         listing = "; ".join(f"{folder}: {str(error).strip().splitlines()[-1]}" for folder, error in failures.items())
@@ -191,14 +200,21 @@ def run_on_ray(jobs, grids, all_cells, threads, cpus_per_cell, gpus_per_cell, do
         ray.shutdown()
 
 
-def write_tables(grids: dict[str, ExperimentConfig], results: dict[str, list[dict]], seeds: int, out_dir: Path) -> str:
-    """ablation.md (all tables), ablation.json / ablation.csv (every cell), <grid>/ablation.png."""
+def write_tables(grids: dict[str, ExperimentConfig], results: dict[str, list[dict]], seeds: int, out_dir: Path,
+                 kinds: dict[str, str]) -> str:
+    """ablation.md (all tables), ablation.json / ablation.csv (every cell), <grid>/ablation.png (and, for the
+    learner comparison, <grid>/curves.png and its gap-closed lines)."""
+    from radrl.eval.learners import learner_curves, learner_summary
+
     parts, rows = [], []
     for name, cfg in grids.items():
-        found = sorted(results.get(name, []), key=lambda r: (r["variant"], r["seed"]))
-        parts.append(f"## {name} ({cfg.task}, {len(found)} cells)\n\n" + ablation_tables(cfg.task, found, seeds))
+        kind, found = kinds[name], sorted(results.get(name, []), key=lambda r: (r["variant"], r["seed"]))
+        parts.append(f"## {name} ({kind}, {len(found)} cells)\n\n" + ablation_tables(kind, found, seeds))
         if found:
-            ablation_figure(cfg.task, found, Path(out_dir) / name / "ablation.png")
+            ablation_figure(kind, found, Path(out_dir) / name / "ablation.png")
+        if kind == "learners" and found:
+            parts.append(learner_summary(found))
+            learner_curves(Path(out_dir) / name, Path(out_dir) / name / "curves.png")
         rows += [{"grid": name, **r} for r in found]
     tables = "\n\n".join(parts)
     out_dir.mkdir(parents=True, exist_ok=True)

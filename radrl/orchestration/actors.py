@@ -18,6 +18,7 @@ from pathlib import Path
 from radrl.config import ExperimentConfig, Resources
 from radrl.faults import FAULT_DIR_ENV, FAULT_ENV, ROLE_ENV, with_fault_points
 from radrl.learner.ddpo_learner import DDPOLearner
+from radrl.learner.draft_learner import DraftLearner
 from radrl.learner.ppo_learner import ReportLearner
 from radrl.orchestration.handles import LocalCluster, LocalHandle
 from radrl.orchestration.recovery import CallLedger, StartTimeout
@@ -42,10 +43,11 @@ class RoleClasses:
 
 
 def role_classes(cfg: ExperimentConfig) -> RoleClasses:
-    """CXRL: diffusion workers, three reward models, the DDPO learner. LM-RRG: report workers, one
+    """CXRL: diffusion workers, three reward models, the DDPO (or DRaFT) learner. LM-RRG: report workers, one
     report reward (RadCliQ or BLEU-4), the PPO learner."""
     if cfg.task == "cxrl":
-        return RoleClasses(RolloutWorker, DDPOLearner, RewardScorer, REWARD_NAMES)
+        learner = DraftLearner if cfg.learner.algorithm == "draft" else DDPOLearner
+        return RoleClasses(RolloutWorker, learner, RewardScorer, REWARD_NAMES)
     return RoleClasses(ReportRolloutWorker, ReportLearner, ReportRewardScorer, (cfg.rewards.rrg_reward,))
 
 

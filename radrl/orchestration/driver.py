@@ -24,6 +24,7 @@ from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.report_pool import iteration_reports, report_pool
 from radrl.eval.diagnosis import diagnosis_summary, format_diagnosis_table
+from radrl.eval.image_metrics import per_class_auroc
 from radrl.models.classifier import PAPER_CLASSES, chexpert_names
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.recovery import RoleLost
@@ -160,6 +161,7 @@ class CXRLTrainer:
         rollout = cfg.rollout
         self.per_iteration = rollout.trajectories_per_iteration
         self.iteration, self.last_checkpoint, self.start_evaluation = 0, 0, None
+        self.train_seconds, self.images_generated = 0.0, 0  # training wall time and images so far (the budget)
         self.anchor_cache = AnchorCache() if cfg.rollout.anchor_cache else None
         self.next_batch: SampledBatch | None = None  # orchestration.overlap: the next iteration's, in flight
         self.loading = []  # orchestration.overlap: workers' pending weight loads
@@ -201,8 +203,10 @@ class CXRLTrainer:
 
         with timer("update"):  # 4. DDPO on the learner
             update = self.get(self.roles.learner.update.remote(rewards, *trajectories))
-        self.tracker.log_histograms(self.iteration + 1, {"hist/reward_total": rewards,
-                                                         "hist/advantages": update.pop("advantages")})
+        histograms = {"hist/reward_total": rewards}
+        if "advantages" in update:  # DDPO's
+            histograms["hist/advantages"] = update.pop("advantages")
+        self.tracker.log_histograms(self.iteration + 1, histograms)
 
         with timer("broadcast"):  # 5. new LoRA + ACE to every worker (with overlap: queued behind their sampling)
             self.weight_version = self.broadcast(wait=not cfg.orchestration.overlap)
@@ -223,11 +227,18 @@ class CXRLTrainer:
             if cfg.rollout.precompute_anchor and not self.anchor_cache:
                 stage = "precompute anchor"
                 self.precompute_anchor()
-            while self.iteration < cfg.learner.iterations:
+            while self.iteration < cfg.learner.iterations and not self.out_of_time():
                 try:
                     stage = "train"
                     scalars = self.train_step()
                     stage = "log"
+                    self.train_seconds += scalars["timing/iteration"]
+                    self.images_generated += int(scalars["rollout/images"])
+                    scalars.update({"time/train_seconds": self.train_seconds, "time/images": self.images_generated})
+                    if cfg.logging.eval_every and self.iteration % cfg.logging.eval_every == 0:
+                        stage = "held-out check"
+                        scalars.update(self.heldout_scalars())
+                        stage = "log"
                     scalars.update(self.faults.log(self.iteration))
                     self.tracker.log_scalars(self.iteration, scalars)
                     self.roles.cluster.record(self.iteration, int(scalars["rollout/images"]), scalars[TOTAL_KEY],
@@ -246,10 +257,36 @@ class CXRLTrainer:
         if self.last_checkpoint != self.iteration:
             self.checkpoint()
         results = {"iterations": self.iteration, "weight_version": self.weight_version,
+                   "algorithm": cfg.learner.algorithm, "train_seconds": self.train_seconds,
+                   "images_generated": self.images_generated,
                    "start": self.start_evaluation, "end": end, "paired_variance_ratio": self.paired_noise_report(),
                    "diag_metric": self.cfg.rewards.diag_metric}
         self.write_results(results)
         return results
+
+    def out_of_time(self) -> bool:
+        """learner.time_budget_minutes is spent (training time only: held-out checks and evaluation not counted)."""
+        budget = self.cfg.learner.time_budget_minutes
+        if budget is None or self.train_seconds < 60 * budget:
+            return False
+        if self.iteration < self.cfg.learner.iterations:
+            log.info("time budget of %g min spent after %d iterations (%.0f s of training)", budget, self.iteration,
+                     self.train_seconds)
+        return True
+
+    def heldout_scalars(self) -> dict[str, float]:
+        """The policy alone on the held-out reports at the evaluation's fixed noise: direct rewards, their total and
+        the classifier's mean AUROC against the reports' labels ('heldout/…'), for curves against training time."""
+        _, rollouts = self.sample(self.eval_reports, ("eval", self.cfg.logging.eval_seed), with_anchor=False,
+                                  identical_noise=True)
+        scores = self.score(rollouts)
+        found = {f"heldout/{name}": float(np.mean(values)) for name, values in scores.policy.items()}
+        found["heldout/total"] = float(np.mean(direct_total(scores.policy, self.cfg)))
+        if scores.diagnosis is not None:
+            names = scores.diagnosis["class_names"]
+            found["heldout/auroc"] = per_class_auroc(scores.diagnosis["policy"], report_targets(scores.reports, names),
+                                                     names)["mean"]
+        return found
 
     def paired_noise_report(self) -> dict[str, float]:
         """Mean over iterations of Var(policy − anchor) / (Var(policy) + Var(anchor)) per reward, logged."""
@@ -389,11 +426,11 @@ class CXRLTrainer:
         if reference is not None:
             policy_total, anchor_total = direct_total(scores.policy, self.cfg), direct_total(reference, self.cfg)
             scalars[WIN_RATE_KEY] = float(((policy_total > anchor_total) + 0.5 * (policy_total == anchor_total)).mean())
-        scalars.update({"loss/policy": update["loss"], "ddpo/approx_kl": update["approx_kl"],
-                        "ddpo/clipfrac": update["clipfrac"], "ddpo/grad_norm": update["grad_norm"],
-                        "ddpo/advantage_abs": update["advantage_abs"], "ddpo/optimizer_steps": update["optimizer_steps"],
-                        "ddpo/trajectories": update["trajectories"],
-                        "ddpo/dropped_nonfinite": update["dropped_nonfinite"]})
+        # the learner's own figures under its algorithm's name (ddpo/approx_kl, draft/replay_error, …)
+        algorithm = self.cfg.learner.algorithm
+        scalars["loss/policy"] = update["loss"]
+        scalars.update({f"{algorithm}/{key}": float(value) for key, value in update.items()
+                        if key not in ("loss", "weight_version") and value is not None})
         images = sum(len(r.reports) + (len(r.anchor_images) if r.anchor_images is not None else 0) for r in rollouts)
         scalars["rollout/images"] = float(images)
         scalars["rollout/truncated_reports"] = float(sum(r.truncated for r in rollouts))
@@ -418,7 +455,8 @@ class CXRLTrainer:
     def checkpoint(self) -> Path:
         tensors, learner_state = self.get(self.roles.learner.state.remote())
         state = {"iteration": self.iteration, "weight_version": self.weight_version, "learner": learner_state,
-                 "start_evaluation": self.start_evaluation, "config": self.cfg.model_dump(mode="json")}
+                 "start_evaluation": self.start_evaluation, "config": self.cfg.model_dump(mode="json"),
+                 "train_seconds": self.train_seconds, "images_generated": self.images_generated}
         folder = save_checkpoint(self.run_dir, self.iteration, tensors, state, keep=self.cfg.logging.keep_checkpoints)
         self.last_checkpoint = self.iteration
         return folder
@@ -442,6 +480,7 @@ class CXRLTrainer:
         folder, state = restore_learner(self.run_dir, self.cfg, self.roles, self.get)
         self.iteration = self.last_checkpoint = state["iteration"]
         self.start_evaluation = state["start_evaluation"]
+        self.train_seconds, self.images_generated = state.get("train_seconds", 0.0), state.get("images_generated", 0)
         log.info("resumed from %s (iteration %d, weight version %d)", folder, self.iteration, state["weight_version"])
 
     def failure_message(self, error: Exception, stage: str) -> str:
@@ -536,8 +575,14 @@ def format_progress(iteration: int, total: int, scalars: dict) -> str:
               if REWARD_KEY.format(name=name, who="rlcf") in scalars]
     if WIN_RATE_KEY in scalars:
         parts.append(f"win {scalars[WIN_RATE_KEY]:.2f}")
-    parts += [f"kl {scalars['ddpo/approx_kl']:.1e}", f"{scalars[THROUGHPUT_KEY]:.1f} img/s",
-              f"{scalars['timing/iteration']:.1f} s"]
+    if "ddpo/approx_kl" in scalars:
+        parts.append(f"kl {scalars['ddpo/approx_kl']:.1e}")
+    if "draft/reward" in scalars:  # the differentiable reward the update ascended
+        parts.append(f"draft reward {scalars['draft/reward']:+.4f}")
+    if "heldout/total" in scalars:
+        parts.append(f"held-out {scalars['heldout/total']:+.4f}"
+                     + (f" auroc {scalars['heldout/auroc']:.3f}" if "heldout/auroc" in scalars else ""))
+    parts += [f"{scalars[THROUGHPUT_KEY]:.1f} img/s", f"{scalars['timing/iteration']:.1f} s"]
     return "  ".join(parts)
 
 

@@ -50,21 +50,17 @@ def check_log_probs_defined(scheduler: DDIMScheduler, eta: float) -> None:
             "set_alpha_to_one=False (Stable Diffusion's scheduler_config.json has it so)")
 
 
-def ddim_step_with_logprob(
+def ddim_step_mean_std(
     scheduler: DDIMScheduler,
     eps: torch.Tensor,  # [B, C, H, W] predicted noise (after guidance)
     t: torch.Tensor,  # [B] or [] current timestep
     prev_t: torch.Tensor,  # [B] or [] next timestep from previous_timesteps()
     x_t: torch.Tensor,  # [B, C, H, W]
     eta: float,
-    prev_sample: torch.Tensor | None = None,  # [B, C, H, W] recorded x_{t−1}; None = sample one
-    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (x_{t−1}, log p(x_{t−1} | x_t)) with the log-prob averaged over non-batch dims → [B]."""
+    """(μ, σ) of the DDIM step's Gaussian x_{t−1} ~ N(μ, σ²): μ [B, C, H, W] (differentiable in ε), σ [B, 1, 1, 1]."""
     if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"ddim_step_with_logprob handles epsilon prediction, not {scheduler.config.prediction_type!r}")
-    if eta <= 0:
-        raise ValueError("eta must be > 0: with eta = 0 the step is deterministic and its log-prob undefined")
+        raise ValueError(f"the DDIM step handles epsilon prediction, not {scheduler.config.prediction_type!r}")
     shape = (-1,) + (1,) * (x_t.dim() - 1)
     t, prev_t = t.expand(x_t.shape[0]), prev_t.expand(x_t.shape[0])
     alpha_t = _alpha_bar(scheduler, t).view(shape).to(x_t.dtype)
@@ -77,9 +73,33 @@ def ddim_step_with_logprob(
     std = step_std(scheduler, t, prev_t, eta).view(shape).to(x_t.dtype)
     # μ = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ_t²)·ε
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
+    return mean, std
+
+
+def step_noise(shape: tuple, generator, device, dtype) -> torch.Tensor:
+    """The step's standard normal draw: one generator for the batch, or one per chain (a chain's noise then
+    depends on its own seed only)."""
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    eps: torch.Tensor,  # [B, C, H, W] predicted noise (after guidance)
+    t: torch.Tensor,  # [B] or [] current timestep
+    prev_t: torch.Tensor,  # [B] or [] next timestep from previous_timesteps()
+    x_t: torch.Tensor,  # [B, C, H, W]
+    eta: float,
+    prev_sample: torch.Tensor | None = None,  # [B, C, H, W] recorded x_{t−1}; None = sample one
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,  # [B, C, H, W] the standard normal draw to use (prev_sample None); None = draw
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x_{t−1}, log p(x_{t−1} | x_t)) with the log-prob averaged over non-batch dims → [B]."""
+    if eta <= 0:
+        raise ValueError("eta must be > 0: with eta = 0 the step is deterministic and its log-prob undefined")
+    mean, std = ddim_step_mean_std(scheduler, eps, t, prev_t, x_t, eta)
     if prev_sample is None:
-        # one generator for the batch, or one per chain (a chain's noise then depends on its own seed only)
-        noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        if noise is None:
+            noise = step_noise(x_t.shape, generator, x_t.device, x_t.dtype)
         prev_sample = mean + std * noise
     # log N(x_{t−1}; μ, σ²) per element, then the mean (not sum) over C, H, W: sums over
     # thousands of dimensions overflow the importance ratio.

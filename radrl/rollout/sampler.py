@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from radrl.models.diffusion_policy import DiffusionPolicy
-from radrl.rollout.ddim import check_log_probs_defined, ddim_step_with_logprob, previous_timesteps
+from radrl.rollout.ddim import check_log_probs_defined, ddim_step_with_logprob, previous_timesteps, step_noise
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class DiffusionTrajectory:
     log_probs: torch.Tensor  # [B, T] log p(x_{t−1} | x_t, c), mean over C, H, W
     images: torch.Tensor  # [B, 1, H, W] in [0, 1]
     weight_version: int
+    # [B, K, C, H, W] the standard normal draws of the last K steps (learner.algorithm draft: the learner replays
+    # those steps with gradients from x at step T−K); None when not kept
+    noise: torch.Tensor | None = None
 
     def select(self, rows) -> DiffusionTrajectory:
         """The chains of `rows` (indices or a boolean mask) only."""
@@ -29,13 +32,14 @@ class DiffusionTrajectory:
         return replace(self, reports=tuple(self.reports[int(i)] for i in rows),
                        latents=self.latents[rows.to(self.latents.device)],
                        log_probs=self.log_probs[rows.to(self.log_probs.device)],
-                       images=self.images[rows.to(self.images.device)])
+                       images=self.images[rows.to(self.images.device)],
+                       noise=None if self.noise is None else self.noise[rows.to(self.noise.device)])
 
     def to(self, device) -> DiffusionTrajectory:
         """The same trajectory with its tensors on `device`."""
         return replace(self, latents=self.latents.to(device), timesteps=self.timesteps.to(device),
                        prev_timesteps=self.prev_timesteps.to(device), log_probs=self.log_probs.to(device),
-                       images=self.images.to(device))
+                       images=self.images.to(device), noise=None if self.noise is None else self.noise.to(device))
 
 
 def concat_trajectories(trajectories: list[DiffusionTrajectory]) -> DiffusionTrajectory:
@@ -47,7 +51,8 @@ def concat_trajectories(trajectories: list[DiffusionTrajectory]) -> DiffusionTra
     return replace(first, reports=sum((t.reports for t in trajectories), ()),
                    latents=torch.cat([t.latents for t in trajectories]),
                    log_probs=torch.cat([t.log_probs for t in trajectories]),
-                   images=torch.cat([t.images for t in trajectories]))
+                   images=torch.cat([t.images for t in trajectories]),
+                   noise=None if first.noise is None else torch.cat([t.noise for t in trajectories]))
 
 
 def text_conditions(policy: DiffusionPolicy, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,23 +64,29 @@ def text_conditions(policy: DiffusionPolicy, reports: list[str]) -> tuple[torch.
 
 @torch.no_grad()
 def sample_trajectories(policy: DiffusionPolicy, reports: list[str], num_steps: int, eta: float, guidance_scale: float,
-                        initial_noise: torch.Tensor, weight_version: int, generator: torch.Generator) -> DiffusionTrajectory:
-    """Run DDIM from `initial_noise` [B, C, H, W] and record every step (policy or, in policy.anchor(), the anchor)."""
+                        initial_noise: torch.Tensor, weight_version: int, generator: torch.Generator,
+                        keep_noise: int = 0) -> DiffusionTrajectory:
+    """Run DDIM from `initial_noise` [B, C, H, W] and record every step (policy or, in policy.anchor(), the anchor);
+    `keep_noise`: also record the normal draws of the last that many steps."""
     scheduler = policy.models.scheduler
     scheduler.set_timesteps(num_steps, device=initial_noise.device)
     check_log_probs_defined(scheduler, eta)
     timesteps, prev_timesteps = scheduler.timesteps, previous_timesteps(scheduler)
     cond, uncond = text_conditions(policy, reports)
-    x, latents, log_probs = initial_noise, [initial_noise], []
-    for t, prev_t in zip(timesteps, prev_timesteps):
+    x, latents, log_probs, kept = initial_noise, [initial_noise], [], []
+    for i, (t, prev_t) in enumerate(zip(timesteps, prev_timesteps)):
         eps = policy.predict_noise(x, t, cond, uncond, guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, prev_t, x, eta, generator=generator)
+        noise = step_noise(x.shape, generator, x.device, x.dtype)
+        if i >= len(timesteps) - keep_noise:
+            kept.append(noise)
+        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, prev_t, x, eta, noise=noise)
         latents.append(x)
         log_probs.append(log_prob)
     return DiffusionTrajectory(
         reports=tuple(reports), latents=torch.stack(latents, dim=1), timesteps=timesteps.clone(),
         prev_timesteps=prev_timesteps, log_probs=torch.stack(log_probs, dim=1),
         images=policy.models.to_images(x), weight_version=weight_version,
+        noise=torch.stack(kept, dim=1) if kept else None,
     )
 
 

@@ -62,6 +62,8 @@ class RolloutWorker:
         self.device = device_for(cfg.rollout.resources.num_gpus)
         self.policy = build_policy(cfg, self.device)
         self.weight_version = -1  # nothing loaded yet: the learner's version 0 comes first
+        # DRaFT's learner replays the policy chains' last K steps: keep their normal draws
+        self.keep_noise = cfg.learner.draft_steps if cfg.learner.algorithm == "draft" else 0
 
     def load_weights(self, weights: PublishedWeights) -> int:
         """Install one version of the learner's LoRA + ACE tensors; returns the version now held."""
@@ -74,10 +76,11 @@ class RolloutWorker:
         return self.weight_version
 
     def generate(self, reports: list[str], noise_seed: int | list[int], step_seed: int | list[int],
-                 rows: list[int] | None = None) -> DiffusionTrajectory:
+                 rows: list[int] | None = None, keep_noise: int = 0) -> DiffusionTrajectory:
         """One DDIM trajectory per report from seeded x_T and per-step noise (the anchor's inside policy.anchor()).
         A seed is one for the batch or one per report (then a chain's noise depends on its own seed only).
-        `rows`: run only those reports' chains, each from the x_T it gets in the whole batch."""
+        `rows`: run only those reports' chains, each from the x_T it gets in the whole batch; `keep_noise`: record the
+        normal draws of the last that many steps."""
         if self.weight_version < 0:
             raise RuntimeError(f"rollout worker {self.index}: no weights loaded; the driver must broadcast first")
         rollout = self.cfg.rollout
@@ -86,7 +89,8 @@ class RolloutWorker:
         if rows is not None:
             reports, initial_noise = [reports[i] for i in rows], initial_noise[rows]
         return sample_trajectories(self.policy, list(reports), rollout.num_steps, rollout.eta, rollout.guidance_scale,
-                                   initial_noise.to(self.device), self.weight_version, generators(step_seed, self.device))
+                                   initial_noise.to(self.device), self.weight_version, generators(step_seed, self.device),
+                                   keep_noise)
 
     def sample(self, reports: list[str], seed: int, with_anchor: bool, identical_noise: bool = False,
                row_seeds: list[int] | None = None, anchor_rows: list[int] | None = None
@@ -107,7 +111,8 @@ class RolloutWorker:
         pair is always the same, so its scores can be cached and only `anchor_rows` need an anchor image.
         """
         start = time.perf_counter()
-        trajectory = self.generate(reports, seed if row_seeds is None else row_seeds, seed + 1)
+        trajectory = self.generate(reports, seed if row_seeds is None else row_seeds, seed + 1,
+                                   keep_noise=self.keep_noise)
         seconds = {"policy": time.perf_counter() - start}
         anchor_images = None
         if with_anchor and row_seeds is not None:
