@@ -41,9 +41,12 @@ def test_train_runs_in_process_and_prints_the_table(tmp_path):
     result = runner.invoke(app, ["train", "--local", "--set", "learner.iterations=1", "--set", "rollout.num_steps=2",
                                  "--set", "rollout.batch_size=4", "--set", "rollout.samples_per_report=2",
                                  "--set", "learner.batch_size=4", "--set", "logging.eval_reports=4",
-                                 "--set", f"logging.run_dir={tmp_path}"])
+                                 "--set", "evaluation.reports=16", "--set", "evaluation.diversity_reports=2",
+                                 "--set", "evaluation.diversity_samples=2", "--set", f"logging.run_dir={tmp_path}"])
     assert result.exit_code == 0, result.output
     assert "| r_align |" in result.output and "| total (λ-weighted) |" in result.output
+    # then `radrl eval` on the final checkpoint: the image metrics next to the rewards
+    assert "FID" in result.output and "MS-SSIM" in result.output and (tmp_path / "eval" / "iter_000001").is_dir()
     summary = runner.invoke(app, ["summarize", str(tmp_path), str(tmp_path)])
     assert summary.exit_code == 0 and "mean ± std" in summary.output
 

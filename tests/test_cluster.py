@@ -74,6 +74,7 @@ def test_radrl_train_as_a_ray_job_runs_its_roles_on_both_nodes(two_node_cluster,
     address, env = two_node_cluster
     settings = ["learner.iterations=2", "rollout.num_steps=2", "rollout.batch_size=4", "learner.batch_size=4",
                 "logging.eval_reports=4", f"logging.run_dir={tmp_path / 'run'}", "orchestration.run_id=radrl-job-test",
+                "evaluation.after_training=false",
                 "learner.resources={num_cpus: 1, custom: {head_node: 1}}",
                 "rollout.resources={num_cpus: 1, custom: {worker_node: 1}}", "rewards.resources={num_cpus: 1}"]
     command = [BIN / "ray", "job", "submit", "--address", address,

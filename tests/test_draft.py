@@ -1,6 +1,7 @@
 """Reward backpropagation (learner.algorithm: draft): the surrogate of r_diag, where gradients go, the replay of the
 worker's last K steps, and the same first update on Ray and in-process."""
 
+import json
 import math
 
 import numpy as np
@@ -105,7 +106,30 @@ def test_a_draft_run_on_ray_makes_the_same_first_update_as_in_process(tmp_path):
     tensors = {where: load_checkpoint(latest_checkpoint(tmp_path / where))[0] for where in ("local", "ray")}
     policy = [name for name in tensors["local"] if name.startswith("policy/")]
     assert policy
+    # The rollout and the learner run in other processes with other thread counts on Ray, so sums are ordered
+    # differently; AdamW's first step is about ±lr (3e-4) per entry and turns float-level gradient differences
+    # into visible ones only where the gradient is near 0. Same update: every entry within 1e-5 (3 % of a step).
     for name in policy:
-        torch.testing.assert_close(tensors["ray"][name], tensors["local"][name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(tensors["ray"][name], tensors["local"][name], rtol=0, atol=1e-5)
     assert history(tmp_path / "ray")[0]["draft/reward"] == pytest.approx(history(tmp_path / "local")[0]["draft/reward"],
                                                                           abs=1e-5)
+
+
+def test_compare_learners_writes_the_table_the_per_minute_figures_and_the_curves(tmp_path):
+    from radrl.config import load_config
+    from radrl.orchestration.ablate import run_ablation
+
+    settings = ["rollout.num_steps=2", "rollout.batch_size=4", "learner.batch_size=4", "learner.stat_buffer_size=4",
+                "learner.stat_min_count=2", "learner.time_budget_minutes=0.001", "logging.eval_reports=8",
+                "logging.eval_every=1", "evaluation.reports=16", "evaluation.diversity_reports=2",
+                "evaluation.diversity_samples=2"]
+    cfg = load_config("configs/compare_learners_tiny.yaml", settings)
+    tables = run_ablation({"learners": cfg}, 1, tmp_path, local=True, only=("anchor", "ddpo", "draft_k1"),
+                          kinds={"learners": "learners"})
+    assert "Learners at equal wall-clock budget" in tables and "AUROC gap closed" in tables
+    for row in ("DDPO (the paper's learner)", "DRaFT-1", "| ddpo (1 seeds)", "| draft_k1 (1 seeds)"):
+        assert row in tables, row
+    assert (tmp_path / "learners" / "curves.png").is_file()
+    cells = {c["variant"]: c for c in json.loads((tmp_path / "ablation.json").read_text())}
+    assert cells["draft_k1"]["training"]["iterations"] == 1.0  # the budget, not learner.iterations, ended it
+    assert cells["draft_k1"]["real"]["auroc"] > 0.5  # the reports' own phantoms: the ceiling of "gap closed"

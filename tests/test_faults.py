@@ -101,7 +101,7 @@ def test_a_dead_learner_is_restored_from_the_last_checkpoint_in_the_same_run(tmp
 def radrl_train(run: Path, iterations: int, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     settings = {"rollout.num_steps": 2, "rollout.batch_size": 4, "learner.batch_size": 4, "learner.iterations": iterations, "learner.stat_buffer_size": 4,
                 "learner.stat_min_count": 2, "logging.eval_reports": 4, "logging.image_every": 100,
-                "logging.checkpoint_every": 1, "logging.run_dir": str(run)}
+                "logging.checkpoint_every": 1, "logging.run_dir": str(run), "evaluation.after_training": False}
     command = [sys.executable, "-c", "from radrl.cli import app; app()", "train", "--local", *extra]
     for key, value in settings.items():
         command += ["--set", f"{key}={value}"]
