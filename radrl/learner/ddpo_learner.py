@@ -92,47 +92,55 @@ class DDPOLearner:
         eligible = trained_steps(batch.timesteps, learner.min_train_timestep)
         steps_trained = max(1, int(len(eligible) * learner.timestep_fraction))
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
-        for _ in range(learner.inner_epochs):
-            order = torch.randperm(len(batch.reports), generator=self.generator)
-            for start in range(0, len(order), learner.batch_size):
-                index = order[start:start + learner.batch_size]
-                reports = [batch.reports[i] for i in index]
-                cond, uncond = text_conditions(self.policy, reports)
-                steps = sample_timesteps(eligible, steps_trained, len(index), self.generator)  # [b, steps]
-                self.optimizer.zero_grad(set_to_none=True)
-                micro = learner.micro_batch_size or len(index)
-                for j in range(steps_trained):
-                    step = steps[:, j]  # each sample's own j-th step
-                    parts = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
-                    # micro-batches: the minibatch's mean loss, its gradient accumulated a few samples at a time
-                    # (memory only: the same update up to float summation order)
-                    for part in range(0, len(index), micro):
-                        rows = slice(part, part + micro)  # of the minibatch
-                        chains = index[rows]  # of the batch
-                        share = len(chains) / len(index)
-                        log_prob = step_log_prob(self.policy, batch, step[rows], cond[rows], uncond[rows],
-                                                 rollout.eta, rollout.guidance_scale, index=chains.to(self.device))
-                        loss, info = ddpo_loss(log_prob, batch.log_probs[chains, step[rows]], advantages[chains],
-                                               learner.clip_range, learner.adv_clip_max)
-                        (loss * share / steps_trained).backward()  # accumulated over micro-batches and timesteps
-                        parts["loss"] += float(loss.detach()) * share
-                        parts["approx_kl"] += info["approx_kl"] * share
-                        parts["clipfrac"] += info["clipfrac"] * share
-                    for key, value in parts.items():
-                        stats[key].append(value)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), learner.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"DDPO gradient norm is {float(grad_norm)} at weight version "
-                                             f"{self.version}; lower learner.lr (this update was undone whole: "
-                                             "weights, optimizer and advantage statistics are as before it)")
-                self.optimizer.step()
-                stats["grad_norm"].append(float(grad_norm))
+        for index in self.minibatches(len(batch.reports)):
+            reports = [batch.reports[i] for i in index]
+            cond, uncond = text_conditions(self.policy, reports)
+            steps = sample_timesteps(eligible, steps_trained, len(index), self.generator)  # [b, steps]
+            self.optimizer.zero_grad(set_to_none=True)
+            micro = learner.micro_batch_size or len(index)
+            for j in range(steps_trained):
+                step = steps[:, j]  # each sample's own j-th step
+                parts = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
+                # micro-batches: the minibatch's mean loss, its gradient accumulated a few samples at a time
+                # (memory only: the same update up to float summation order)
+                for part in range(0, len(index), micro):
+                    rows = slice(part, part + micro)  # of the minibatch
+                    chains = index[rows]  # of the batch
+                    share = len(chains) / len(index)
+                    log_prob = step_log_prob(self.policy, batch, step[rows], cond[rows], uncond[rows],
+                                             rollout.eta, rollout.guidance_scale, index=chains.to(self.device))
+                    loss, info = ddpo_loss(log_prob, batch.log_probs[chains, step[rows]], advantages[chains],
+                                           learner.clip_range, learner.adv_clip_max)
+                    (loss * share / steps_trained).backward()  # accumulated over micro-batches and timesteps
+                    parts["loss"] += float(loss.detach()) * share
+                    parts["approx_kl"] += info["approx_kl"] * share
+                    parts["clipfrac"] += info["clipfrac"] * share
+                for key, value in parts.items():
+                    stats[key].append(value)
+            stats["grad_norm"].append(self.optimizer_step("DDPO"))
         self.version += 1
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
         metrics.update(advantage_abs=float(advantages.abs().mean()), weight_version=self.version,
                        advantages=advantages.cpu().numpy(),  # for the TensorBoard histogram
                        optimizer_steps=len(stats["grad_norm"]), trajectories=len(batch.reports))
         return metrics
+
+    def minibatches(self, count: int):
+        """Each inner epoch's shuffled minibatches of learner.batch_size row indices (of `count` rows)."""
+        for _ in range(self.cfg.learner.inner_epochs):
+            order = torch.randperm(count, generator=self.generator)
+            for start in range(0, count, self.cfg.learner.batch_size):
+                yield order[start:start + self.cfg.learner.batch_size]
+
+    def optimizer_step(self, algorithm: str) -> float:
+        """Clip the accumulated gradient and step; a non-finite norm raises (`update` then undoes the round)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.learner.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"{algorithm} gradient norm is {float(grad_norm)} at weight version "
+                                     f"{self.version}; lower learner.lr (this update was undone whole: "
+                                     "weights, optimizer and advantage statistics are as before it)")
+        self.optimizer.step()
+        return float(grad_norm)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """LoRA matrices and ACE tokens: the only tensors an update may change."""

@@ -63,39 +63,30 @@ class DraftLearner(DDPOLearner):
         stats: dict[str, list[float]] = {"loss": [], "reward": [], "anchor_penalty": [], "grad_norm": []}
         parts_seen: dict[str, list[float]] = {}
         replay_error = None
-        for _ in range(learner.inner_epochs):
-            order = torch.randperm(len(batch.reports), generator=self.generator)
-            for start in range(0, len(order), learner.batch_size):
-                index = order[start:start + learner.batch_size]
-                reports = [batch.reports[i] for i in index]
-                cond, uncond = text_conditions(self.policy, reports)
-                self.optimizer.zero_grad(set_to_none=True)
-                micro = learner.micro_batch_size or len(index)
-                totals = {"loss": 0.0, "reward": 0.0, "anchor_penalty": 0.0}
-                for part in range(0, len(index), micro):
-                    rows = slice(part, part + micro)
-                    chains = index[rows].to(self.device)
-                    share = len(chains) / len(index)
-                    x0, penalty = self.replay(batch, chains, cond[rows], uncond[rows])
-                    if replay_error is None:  # the first micro-batch: the weights the chains were sampled with
-                        replay_error = float((x0.detach() - batch.latents[chains, -1]).abs().max())
-                    reward, parts = self.rewards(self.policy.models.decode(x0), reports[rows])
-                    loss = (-reward + learner.anchor_penalty * penalty).mean()
-                    (loss * share).backward()
-                    totals["loss"] += float(loss.detach()) * share
-                    totals["reward"] += float(reward.detach().mean()) * share
-                    totals["anchor_penalty"] += float(penalty.detach().mean()) * share
-                    for name, value in parts.items():
-                        parts_seen.setdefault(name, []).append(float(value.mean()))
-                for key, value in totals.items():
-                    stats[key].append(value)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), learner.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"DRaFT gradient norm is {float(grad_norm)} at weight version "
-                                             f"{self.version}; lower learner.lr (this update was undone whole: "
-                                             "weights and optimizer are as before it)")
-                self.optimizer.step()
-                stats["grad_norm"].append(float(grad_norm))
+        for index in self.minibatches(len(batch.reports)):
+            reports = [batch.reports[i] for i in index]
+            cond, uncond = text_conditions(self.policy, reports)
+            self.optimizer.zero_grad(set_to_none=True)
+            micro = learner.micro_batch_size or len(index)
+            totals = {"loss": 0.0, "reward": 0.0, "anchor_penalty": 0.0}
+            for part in range(0, len(index), micro):
+                rows = slice(part, part + micro)
+                chains = index[rows].to(self.device)
+                share = len(chains) / len(index)
+                x0, penalty = self.replay(batch, chains, cond[rows], uncond[rows])
+                if replay_error is None:  # the first micro-batch: the weights the chains were sampled with
+                    replay_error = float((x0.detach() - batch.latents[chains, -1]).abs().max())
+                reward, parts = self.rewards(self.policy.models.decode(x0), reports[rows])
+                loss = (-reward + learner.anchor_penalty * penalty).mean()
+                (loss * share).backward()
+                totals["loss"] += float(loss.detach()) * share
+                totals["reward"] += float(reward.detach().mean()) * share
+                totals["anchor_penalty"] += float(penalty.detach().mean()) * share
+                for name, value in parts.items():
+                    parts_seen.setdefault(name, []).append(float(value.mean()))
+            for key, value in totals.items():
+                stats[key].append(value)
+            stats["grad_norm"].append(self.optimizer_step("DRaFT"))
         self.version += 1
         metrics = {key: float(np.mean(values)) for key, values in stats.items()}
         metrics.update({f"reward_{name}": float(np.mean(values)) for name, values in parts_seen.items()})
