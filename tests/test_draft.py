@@ -133,3 +133,13 @@ def test_compare_learners_writes_the_table_the_per_minute_figures_and_the_curves
     cells = {c["variant"]: c for c in json.loads((tmp_path / "ablation.json").read_text())}
     assert cells["draft_k1"]["training"]["iterations"] == 1.0  # the budget, not learner.iterations, ended it
     assert cells["draft_k1"]["real"]["auroc"] > 0.5  # the reports' own phantoms: the ceiling of "gap closed"
+
+
+def test_r_align_has_a_finite_gradient_at_the_upright_pose():
+    from radrl.models.posture import r_align
+
+    upright = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]], requires_grad=True)  # t = 0: sqrt's gradient would be NaN
+    r_align(upright).sum().backward()
+    assert torch.isfinite(upright.grad).all()
+    posture = torch.tensor([[1.1, 0.95, 0.03, -0.04, 0.2]])
+    assert float(r_align(posture)) == pytest.approx(-(0.1 + 0.2 / (2 * math.pi) + 0.05), abs=1e-6)

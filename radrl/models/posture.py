@@ -46,8 +46,9 @@ def r_align(posture: torch.Tensor) -> torch.Tensor:
     """CXRL Eq.: r_align(ψ) = −( max(|s_x−1|, |s_y−1|) + |Θ|/(2π) + sqrt(t_x² + t_y²) ), [B, 5] → [B]."""
     s_x, s_y, t_x, t_y, theta = posture.unbind(dim=-1)
     scale = torch.maximum((s_x - 1).abs(), (s_y - 1).abs())
-    # the norm's gradient at t = 0 is 0 (sqrt(t_x² + t_y²) would give NaN there)
-    return -(scale + theta.abs() / (2 * torch.pi) + torch.linalg.vector_norm(torch.stack([t_x, t_y], -1), dim=-1))
+    # clamped below at 1e-30 so that the gradient at t = 0 is 0, not NaN (reward backpropagation); every value
+    # above it is sqrt(t_x² + t_y²) to the last bit, as before
+    return -(scale + theta.abs() / (2 * torch.pi) + torch.sqrt((t_x**2 + t_y**2).clamp_min(1e-30)))
 
 
 def align_to_canonical(images: torch.Tensor, posture: torch.Tensor) -> torch.Tensor:
