@@ -189,6 +189,6 @@ def check_resumable(saved: dict, current: dict) -> None:
     was written count at their defaults)."""
     from radrl.config import with_current_defaults
 
-    if details := training_changes(with_current_defaults(saved), current):
+    if details := training_changes(with_current_defaults(saved), with_current_defaults(current)):
         raise ValueError(f"--resume: the config differs from the checkpoint's in what is trained ({details}); "
                          "resume with the original config or start a new run_dir")

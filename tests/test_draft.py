@@ -104,13 +104,15 @@ def test_a_draft_run_on_ray_makes_the_same_first_update_as_in_process(tmp_path):
     for where, local in (("local", True), ("ray", False)):
         train(draft_config(tmp_path / where, **{"learner.iterations": 1, "orchestration.local": local}))
     tensors = {where: load_checkpoint(latest_checkpoint(tmp_path / where))[0] for where in ("local", "ray")}
-    policy = [name for name in tensors["local"] if name.startswith("policy/")]
-    assert policy
     # The rollout and the learner run in other processes with other thread counts on Ray, so sums are ordered
-    # differently; AdamW's first step is about ±lr (3e-4) per entry and turns float-level gradient differences
-    # into visible ones only where the gradient is near 0. Same update: every entry within 1e-5 (3 % of a step).
-    for name in policy:
-        torch.testing.assert_close(tensors["ray"][name], tensors["local"][name], rtol=0, atol=1e-5)
+    # differently. AdamW's first step is about ±lr per entry whatever the gradient's size, so an entry whose
+    # gradient is near 0 can step either way: compare the update's gradient itself, which the optimizer's first
+    # moment holds (0.1 × the clipped gradient after one step), as one vector.
+    moments = [name for name in tensors["local"] if name.endswith("/exp_avg")]
+    assert moments
+    local, ray = (torch.cat([tensors[where][name].flatten() for name in moments]) for where in ("local", "ray"))
+    assert local.norm() > 0
+    assert float((ray - local).norm() / local.norm()) < 1e-2
     assert history(tmp_path / "ray")[0]["draft/reward"] == pytest.approx(history(tmp_path / "local")[0]["draft/reward"],
                                                                           abs=1e-5)
 

@@ -201,3 +201,10 @@ def test_two_iterations_on_local_ray_with_two_rollout_workers(tmp_path):
         assert [f["role"] for f in roles.cluster.drain_faults()] == ["rollout-1"]
     finally:
         roles.cluster.shutdown()
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_it_at_its_default():
+    saved = {"learner": {"iterations": 10, "lr": 3e-4}}  # written before learner.algorithm and friends existed
+    check_resumable(saved, {"learner": {"iterations": 20, "lr": 3e-4, "algorithm": "ddpo", "anchor_penalty": 0.0}})
+    with pytest.raises(ValueError, match="learner.algorithm"):
+        check_resumable(saved, {"learner": {"iterations": 20, "lr": 3e-4, "algorithm": "draft"}})
