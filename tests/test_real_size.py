@@ -46,7 +46,7 @@ def test_cxrl_roentgen_mimic_trains_an_iteration_and_exports_at_real_size(tmp_pa
     reduced = ["rollout.num_steps=2", "rollout.per_iteration=2", "rollout.batch_size=2", "learner.batch_size=2",
                "learner.micro_batch_size=1", "learner.gradient_checkpointing=true",
                "learner.iterations=1", "logging.eval_reports=2", "models.diffusion.precision=fp32",
-               f"logging.run_dir={run}"]
+               "evaluation.after_training=false", f"logging.run_dir={run}"]
     seconds, peak, output = run_measured(["train", str(CONFIGS / "cxrl_roentgen_mimic.yaml"), "--local",
                                           "--num-rollout-workers", "1", *sets(world + reduced)], tmp_path)
     print(f"\nreal-size cxrl_roentgen_mimic, 1 iteration: {seconds:.0f} s, peak memory {peak:.1f} GiB")
