@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from radrl.config import with_current_defaults
 from radrl.faults import fault_point
 
 log = logging.getLogger("radrl")
@@ -161,8 +162,8 @@ def valid_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict
 
 
 # Settings a resumed run may change: where and how big it runs, not what it learns.
-RESUMABLE_CHANGES = ("learner.iterations", "learner.time_budget_minutes", "orchestration.", "logging.", "evaluation.", "rollout.num_workers",
-                     ".resources.", "rewards.replicas")
+RESUMABLE_CHANGES = ("learner.iterations", "learner.time_budget_minutes", "orchestration.", "logging.", "evaluation.",
+                     "rollout.num_workers", ".resources.", "rewards.replicas")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -177,18 +178,16 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def training_changes(saved: dict, current: dict) -> str:
-    """The settings (first five, 'key: old → new') in which `current` trains something else than `saved`; '' if none."""
-    old, new = flatten(saved), flatten(current)
+    """The settings (first five, 'key: old → new') in which `current` trains something else than `saved`; '' if none.
+    Options either side lacks (a config written before they existed) count at their defaults."""
+    old, new = flatten(with_current_defaults(saved)), flatten(with_current_defaults(current))
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
                and not any(k.startswith(p) or p in k for p in RESUMABLE_CHANGES)]
     return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:5])
 
 
 def check_resumable(saved: dict, current: dict) -> None:
-    """Refuse to resume under a config that changes what is being trained (options added since the checkpoint
-    was written count at their defaults)."""
-    from radrl.config import with_current_defaults
-
-    if details := training_changes(with_current_defaults(saved), with_current_defaults(current)):
+    """Refuse to resume under a config that changes what is being trained."""
+    if details := training_changes(saved, current):
         raise ValueError(f"--resume: the config differs from the checkpoint's in what is trained ({details}); "
                          "resume with the original config or start a new run_dir")

@@ -72,8 +72,8 @@ TABLES = {
               ("r_align", "auroc", "clip", "fid", "ms_ssim")),
              ("CXRL rewards (paper reward ablation)", ("align_only", "diag_only", "consist_only", "full"),
               ("r_align", "auroc", "clip", "fid"))),
-    "learners": (("Learners at equal wall-clock budget (held-out, unseen reports)", ("anchor", "ddpo", "draft_k1", "draft_k3"),
-                  ("r_align", "auroc", "clip", "fid", "ms_ssim")),),
+    "learners": (("Learners at equal wall-clock budget (held-out, unseen reports)",
+                  ("anchor", "ddpo", "draft_k1", "draft_k3"), ("r_align", "auroc", "clip", "fid", "ms_ssim")),),
     "rrg": (("LM-RRG ablation (paper Table 1)", ("supervised", "bleu4", "fixed_kl", "full"),
              ("bleu4", "meteor", "rouge_l", "ce_precision", "ce_recall", "ce_f1", "radcliq_v0", "radcliq_v1")),),
 }
@@ -87,8 +87,8 @@ PAPER = {
     "rrg": {"full": {"bleu4": 0.122, "meteor": 0.165, "rouge_l": 0.296, "ce_precision": 0.500, "ce_recall": 0.500,
                      "ce_f1": 0.484, "radcliq_v1": 0.865},
             "supervised": {"radcliq_v1": 1.023}, "bleu4": {"radcliq_v1": 1.102}, "fixed_kl": {"radcliq_v1": 0.901}},
+    "learners": {},  # neither paper compares learners
 }
-PAPER["learners"] = {}  # neither paper compares learners
 LABELS = {"cxrl": CXRL_LABELS, "rrg": RRG_LABELS, "learners": CXRL_LABELS}
 GRIDS = {"cxrl": CXRL_VARIANTS, "rrg": RRG_VARIANTS, "learners": LEARNER_VARIANTS}
 

@@ -13,7 +13,8 @@ import numpy as np
 from radrl.eval.image_metrics import per_class_auroc
 
 
-def _mean_auroc(probabilities: np.ndarray, targets: np.ndarray, names: tuple[str, ...]) -> float:
+def mean_auroc(probabilities: np.ndarray, targets: np.ndarray, names: tuple[str, ...]) -> float:
+    """The mean over classes of per_class_auroc; NaN where no class has both outcomes."""
     try:
         return per_class_auroc(probabilities, targets, names)["mean"]
     except ValueError:  # no class with both outcomes in this resample
@@ -43,8 +44,8 @@ def diagnosis_summary(policy: np.ndarray, anchor: np.ndarray, targets: np.ndarra
         differences = []
         for _ in range(resamples):
             rows = rng.integers(0, len(targets), len(targets))
-            differences.append(_mean_auroc(policy[rows], targets[rows], names)
-                               - _mean_auroc(anchor[rows], targets[rows], names))
+            differences.append(mean_auroc(policy[rows], targets[rows], names)
+                               - mean_auroc(anchor[rows], targets[rows], names))
         summary["mean_auroc"] = {"policy": auroc_policy["mean"], "anchor": auroc_anchor["mean"],
                                  "difference_se": float(np.nanstd(differences, ddof=1)),
                                  "classes": [n for n in names if n in auroc_policy]}

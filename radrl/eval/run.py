@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from radrl.checkpoints import latest_checkpoint, training_changes
-from radrl.config import ExperimentConfig, with_current_defaults
+from radrl.config import ExperimentConfig
 
 MODELS = {"cxrl": ("anchor", "policy"), "rrg": ("supervised", "policy")}
 
@@ -50,7 +50,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: Path | None, models: tuple
 
     checkpoint = resolve_checkpoint(checkpoint)
     if checkpoint is not None:
-        details = training_changes(with_current_defaults(json.loads((checkpoint / "state.json").read_text())["config"]),
+        details = training_changes(json.loads((checkpoint / "state.json").read_text())["config"],
                                    cfg.model_dump(mode="json"))
         if details:
             raise ValueError(f"--checkpoint {checkpoint} was trained under a different config ({details}); evaluate "

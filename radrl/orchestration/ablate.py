@@ -96,14 +96,11 @@ def training_summary(folder: Path) -> dict[str, float]:
 
     rows = read_history(folder / HISTORY_FILE)
     found = {"iterations": float(len(rows))} if rows else {}
-    for key in TRAINING_KEYS:
-        values = [row[key] for row in rows if key in row]
-        if values:
-            found[key] = float(np.mean(values))
-    for key in LAST_KEYS:
-        values = [row[key] for row in rows if key in row]
-        if values:
-            found[key] = float(values[-1])
+    for keys, reduce in ((TRAINING_KEYS, np.mean), (LAST_KEYS, lambda values: values[-1])):
+        for key in keys:
+            values = [row[key] for row in rows if key in row]
+            if values:
+                found[key] = float(reduce(values))
     return found
 
 

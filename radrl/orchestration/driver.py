@@ -23,8 +23,7 @@ from radrl.checkpoints import check_resumable, latest_checkpoint, save_checkpoin
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.report_pool import iteration_reports, report_pool
-from radrl.eval.diagnosis import diagnosis_summary, format_diagnosis_table
-from radrl.eval.image_metrics import per_class_auroc
+from radrl.eval.diagnosis import diagnosis_summary, format_diagnosis_table, mean_auroc
 from radrl.models.classifier import PAPER_CLASSES, chexpert_names
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.recovery import RoleLost
@@ -284,8 +283,7 @@ class CXRLTrainer:
         found["heldout/total"] = float(np.mean(direct_total(scores.policy, self.cfg)))
         if scores.diagnosis is not None:
             names = scores.diagnosis["class_names"]
-            found["heldout/auroc"] = per_class_auroc(scores.diagnosis["policy"], report_targets(scores.reports, names),
-                                                     names)["mean"]
+            found["heldout/auroc"] = mean_auroc(scores.diagnosis["policy"], report_targets(scores.reports, names), names)
         return found
 
     def paired_noise_report(self) -> dict[str, float]:
