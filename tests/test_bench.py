@@ -50,3 +50,13 @@ def test_gpu_settings_fit_two_workers_learner_and_rewards_on_one_device(tmp_path
     share = (two.rollout.num_workers * two.rollout.resources.num_gpus + two.learner.resources.num_gpus
              + 3 * two.rewards.replicas * two.rewards.resources.num_gpus)
     assert 0 < share <= 1.0
+
+
+def test_sampling_ceiling_times_one_and_two_bare_processes_on_the_same_images():
+    from radrl.orchestration.bench import sampling_ceiling
+
+    cfg = load_config(None, ["rollout.num_steps=2", "rollout.batch_size=3", "learner.batch_size=3",
+                             "learner.stat_buffer_size=3", "learner.stat_min_count=2"])  # odd: halves of 2 and 1 reports
+    ceiling = sampling_ceiling(cfg, rounds=1)
+    assert ceiling["one_process"] > 0 and ceiling["two_processes"] > 0
+    assert ceiling["two_processes_speedup"] == pytest.approx(ceiling["two_processes"] / ceiling["one_process"])

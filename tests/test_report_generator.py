@@ -114,6 +114,27 @@ def test_disease_tokens_start_as_the_words_of_present_and_absent_findings():
         assert torch.allclose(token[effusion], embed.weight[ids].mean(dim=0))
 
 
+
+def test_words_disease_prompt_is_the_observation_names_each_followed_by_present_or_negative():
+    from radrl.data.observations import Label
+
+    generator = build_report_policy(config(**{"models.report_generator.disease_prompt_form": "words"}), "cpu").generator
+    assert generator.disease_tokens is None
+    tokenizer, embed = generator.tokenizer, generator.decoder.get_input_embeddings()
+    # the text the prompt spells when every finding but Pleural Effusion is negative, written out by hand
+    text = " ".join(f"{name.lower()} {'present' if name == 'Pleural Effusion' else 'negative'}"
+                    for name in CHEXPERT_OBSERVATIONS)
+    expected = embed(torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])).detach()
+    labels = torch.full((1, 14), int(Label.NEGATIVE))
+    labels[0, CHEXPERT_OBSERVATIONS.index("Pleural Effusion")] = int(Label.POSITIVE)
+    features = generator.visual_features(images(1))
+    visual, length = features.shape[1], len(expected)
+    taught = generator.prompt_embeddings(features, labels)[0, visual:visual + length].detach()
+    assert torch.allclose(taught, expected)
+    # what follows is the instruction, unchanged
+    instruction = embed(generator.instruction_ids).detach()
+    assert torch.allclose(generator.prompt_embeddings(features, labels)[0, visual + length:].detach(), instruction)
+
 def test_unmentioned_observations_train_the_disease_head_as_negatives_unless_ignored():
     """IU reports name Atelectasis mostly when present (244 positive, 8 negative, 2,822 unmentioned in train):
     with unmentioned left out, the head would only ever see positives."""

@@ -18,6 +18,8 @@
         p_c = σ(disease head) and the token p_c·e⁺_c + (1 − p_c)·e⁻_c             [B, 14, H]
         teacher_forced: training puts the reference's labels in p_c, generation the head's decision at an
         operating point per observation (the F1-best threshold on the training pairs)
+        form 'words' instead: the decoder's own tokens "<name_1> s_1 <name_2> s_2 …", s_c = p_c·e(present) +
+        (1 − p_c)·e(negative)                                                   [B, L, H]
     decoder input = [visual prompts, disease prompt, instruction, BOS] → report tokens
 
 The CLIP towers are frozen throughout. The supervised stage trains the region blocks, VTrans,
@@ -187,7 +189,7 @@ class ReportGenerator(nn.Module):
     def __init__(self, clip: ImageReportClip, decoder: DecoderLM, num_regions: int, region_blocks: int,
                  vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0,
                  region_attention: str = "region_query", disease_prompt: str = "teacher_forced",
-                 disease_unmentioned: str = "negative"):
+                 disease_unmentioned: str = "negative", disease_prompt_form: str = "tokens"):
         super().__init__()
         self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention)
         width = self.extractor.width
@@ -206,7 +208,15 @@ class ReportGenerator(nn.Module):
         self.disease_prompt, self.disease_unmentioned = disease_prompt, disease_unmentioned
         self.decoder = decoder.model
         self.tokenizer = decoder.tokenizer
-        self.disease_tokens = nn.Parameter(self._observation_word_embeddings()) if disease_prompt != "off" else None
+        self.disease_tokens = None
+        if disease_prompt != "off" and disease_prompt_form == "tokens":
+            self.disease_tokens = nn.Parameter(self._observation_word_embeddings())
+        if disease_prompt != "off" and disease_prompt_form == "words":
+            ids, slots, states = self._observation_words()
+            self.register_buffer("disease_word_ids", ids, persistent=False)
+            self.register_buffer("disease_state_ids", states, persistent=False)
+            self.register_buffer("disease_slots", slots, persistent=False)
+        self.disease_prompt_form = disease_prompt_form if disease_prompt != "off" else "off"
         # the head's operating point per observation, as a logit (present when logit ≥ it); 0 (p ≥ ½) until
         # fit_operating_points sets it from the training pairs at the end of each supervised epoch
         self.register_buffer("decision_logits", torch.zeros(len(CHEXPERT_OBSERVATIONS)))
@@ -226,6 +236,30 @@ class ReportGenerator(nn.Module):
             ids = [torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             rows.append(torch.stack([embed(i.to(embed.weight.device)).mean(dim=0) for i in ids]))
         return torch.stack(rows)
+
+    def _observation_words(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The 'words' form's token ids "<name_1> · <name_2> · …" [L], the state slots · [14], and the ids of the
+        two state words [2] ('present', 'negative': one token each in the report vocabulary; two more then)."""
+        states = [self.tokenizer(word, add_special_tokens=False)["input_ids"] for word in ("present", "negative")]
+        if any(len(ids) != 1 for ids in states):
+            raise ValueError("disease_prompt_form 'words' needs 'present' and 'negative' to be one token each in the "
+                             f"decoder's vocabulary (got {states}); use disease_prompt_form 'tokens'")
+        ids, slots = [], []
+        for name in CHEXPERT_OBSERVATIONS:
+            ids += self.tokenizer(name.lower(), add_special_tokens=False)["input_ids"]
+            slots.append(len(ids))
+            ids += states[0]
+        return torch.tensor(ids), torch.tensor(slots), torch.tensor([s[0] for s in states])
+
+    def _disease_block(self, p: torch.Tensor) -> torch.Tensor:
+        """Per-observation probabilities [B, 14, 1] → the disease prompt's embeddings [B, 14 or L, H]."""
+        if self.disease_tokens is not None:
+            return p * self.disease_tokens[0] + (1 - p) * self.disease_tokens[1]
+        embed = self.decoder.get_input_embeddings()
+        states = embed(self.disease_state_ids).float()  # [2, H]
+        block = embed(self.disease_word_ids).float().unsqueeze(0).repeat(len(p), 1, 1)
+        block[:, self.disease_slots] = p * states[0] + (1 - p) * states[1]
+        return block
 
     # ------------------------------------------------------------------ features and prompts
 
@@ -249,7 +283,7 @@ class ReportGenerator(nn.Module):
         labels that mode gives the head's decision at its operating point (1 or 0), the tokens the decoder was taught.
         """
         parts = [self.project(features)]
-        if self.disease_tokens is not None:
+        if self.disease_prompt_form != "off":
             if labels is not None and self.disease_prompt == "teacher_forced":
                 p = (labels == Label.POSITIVE).float().unsqueeze(-1)  # [B, 14, 1]
             else:
@@ -258,7 +292,7 @@ class ReportGenerator(nn.Module):
                     p = (logits >= self.decision_logits).float().unsqueeze(-1)
                 else:
                     p = torch.sigmoid(logits).unsqueeze(-1)
-            parts.append(p * self.disease_tokens[0] + (1 - p) * self.disease_tokens[1])
+            parts.append(self._disease_block(p))
         instruction = self.decoder.get_input_embeddings()(self.instruction_ids).float()
         parts.append(instruction.unsqueeze(0).expand(len(features), -1, -1))
         return torch.cat(parts, dim=1)  # fp32; cast to the decoder's dtype where it enters the decoder
@@ -470,7 +504,7 @@ def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:
     rg = cfg.models.report_generator
     return ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
                            rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
-                           rg.region_attention, rg.disease_prompt, rg.disease_unmentioned)
+                           rg.region_attention, rg.disease_prompt, rg.disease_unmentioned, rg.disease_prompt_form)
 
 
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:

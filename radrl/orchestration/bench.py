@@ -11,6 +11,10 @@ and models for `warmup` + `iterations` iterations and keeps the measured ones:
     ray-overlap    iteration k+1 sampled while k is scored and trained (one version stale)
     gpu-1-worker, gpu-2-workers   (--gpu) every role on one CUDA device: 1 vs 2 rollout workers sharing it
 
+Beside them, the machine's own ceiling for two workers (`sampling_ceiling`): the policy's sampling of one
+iteration's images in one bare process with one thread, against the same images split over two bare processes
+running at once (no Ray, no driver, no reward actors): the most two 1-CPU workers could gain here.
+
 From these: the Ray/in-process throughput ratio, the 2-vs-1 worker sampling speed-up, the stage
 breakdown (sampling split into policy and anchor, each reward, update, broadcast, logging,
 idle = the rest of the iteration's wall time), broadcast bytes (adapter vs the whole UNet) and
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 
 from radrl.config import ExperimentConfig, with_overrides
+from radrl.models.diffusion_policy import PublishedWeights
 from radrl.orchestration.actors import start_roles
 from radrl.orchestration.driver import CXRLTrainer
 from radrl.orchestration.tracking import HISTORY_FILE, TOTAL_KEY, read_history
@@ -112,6 +117,46 @@ RAY_RUNTIME_PROCESSES = ("raylet", "gcs_server", "dashboard", "DashboardAgent", 
                          "monitor.py")
 
 
+def _ceiling_process(cfg: ExperimentConfig, reports: list[str], rounds: int, start, results) -> None:
+    """One bare sampling process (spawned): build the policy with one torch thread, sample once to warm up, wait at
+    `start` (a barrier), then sample `reports` `rounds` times; put (first start, last end) in `results`."""
+    torch.set_num_threads(1)
+    from radrl.rollout.worker import RolloutWorker
+
+    worker = RolloutWorker(cfg)
+    worker.load_weights(PublishedWeights(0, worker.policy.trainable_state()))
+    worker.generate(reports, 0, 1)
+    start.wait()
+    begin = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+    for index in range(rounds):
+        worker.generate(reports, index, index + 1)
+    results.put((begin, time.perf_counter()))
+
+
+def sampling_ceiling(cfg: ExperimentConfig, rounds: int = 3) -> dict:
+    """Images per second of bare sampling (no Ray, no driver): one iteration's policy images in one 1-thread
+    process, and the same images split over two 1-thread processes at once; their ratio is what two 1-CPU rollout
+    workers could reach on this machine at best."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    reports = [f"report {i}: no acute cardiopulmonary abnormality." for i in range(cfg.rollout.batch_size)]
+    halves = [reports[: (len(reports) + 1) // 2], reports[(len(reports) + 1) // 2:]]
+    result = {}
+    for name, parts in (("one_process", [reports]), ("two_processes", halves)):
+        start, queue = context.Barrier(len(parts)), context.Queue()
+        processes = [context.Process(target=_ceiling_process, args=(cfg, part, rounds, start, queue)) for part in parts]
+        for process in processes:
+            process.start()
+        spans = [queue.get() for _ in processes]
+        for process in processes:
+            process.join()
+        wall = max(end for _, end in spans) - min(begin for begin, _ in spans)
+        result[name] = len(reports) * rounds / wall
+    result["two_processes_speedup"] = result["two_processes"] / result["one_process"]
+    return result
+
+
 def ray_runtime_cpu_seconds() -> float:
     """CPU seconds (user + system) used so far by Ray's own processes on this node."""
     import psutil
@@ -145,6 +190,7 @@ def run_bench(cfg: ExperimentConfig, warmup: int = 1, iterations: int = 3,
         raise ValueError("radrl bench measures the CXRL loop; give a task: cxrl config")
     started = time.perf_counter()
     rounds: list[dict] = []
+    ceilings: list[dict] = []
     bar = progress(desc="bench settings", total=repeats * len(settings), unit="setting")
     with tempfile.TemporaryDirectory(prefix="radrl-bench-") as scratch:
         for repeat in range(repeats):
@@ -157,8 +203,13 @@ def run_bench(cfg: ExperimentConfig, warmup: int = 1, iterations: int = 3,
                 log.info("  %.2f images/s, %.1f s per iteration", results[setting]["images_per_s"],
                          results[setting]["iteration_s"])
                 bar.update()
+            if "ray-2-workers" in settings:  # the same round, so that its ratio meets the workers' in one drift
+                ceilings.append(sampling_ceiling(cfg))
+                log.info("  bare processes: two sample %.2f× as fast as one", ceilings[-1]["two_processes_speedup"])
             rounds.append(results)
     per_round = [figures(results) for results in rounds]
+    for found, ceiling in zip(per_round, ceilings):
+        found["two_bare_processes_sampling_speedup"] = ceiling["two_processes_speedup"]
     report = {"device": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
               "torch": torch.__version__, "config": {"batch": cfg.rollout.batch_size, "steps": cfg.rollout.num_steps,
                                                       "image_size": cfg.data.image_size},
@@ -167,7 +218,7 @@ def run_bench(cfg: ExperimentConfig, warmup: int = 1, iterations: int = 3,
                                                          for k in per_round[0]},
               "figure_spread": {k: float(np.std([f[k] for f in per_round], ddof=1)) if repeats > 1 else None
                                 for k in per_round[0]},
-              "figures_per_repeat": per_round}
+              "figures_per_repeat": per_round, "sampling_ceiling": ceilings}
     report["figures"]["broadcast_share_of_unet"] = rounds[0][settings[0]]["broadcast_bytes"] / report["unet_bytes"]
     report["seconds"] = time.perf_counter() - started
     return report
