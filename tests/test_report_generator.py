@@ -114,7 +114,6 @@ def test_disease_tokens_start_as_the_words_of_present_and_absent_findings():
         assert torch.allclose(token[effusion], embed.weight[ids].mean(dim=0))
 
 
-
 def test_words_disease_prompt_is_the_observation_names_each_followed_by_present_or_negative():
     from radrl.data.observations import Label
 
@@ -129,11 +128,11 @@ def test_words_disease_prompt_is_the_observation_names_each_followed_by_present_
     labels[0, CHEXPERT_OBSERVATIONS.index("Pleural Effusion")] = int(Label.POSITIVE)
     features = generator.visual_features(images(1))
     visual, length = features.shape[1], len(expected)
-    taught = generator.prompt_embeddings(features, labels)[0, visual:visual + length].detach()
-    assert torch.allclose(taught, expected)
+    prompt = generator.prompt_embeddings(features, labels)[0].detach()
+    assert torch.allclose(prompt[visual:visual + length], expected)
     # what follows is the instruction, unchanged
-    instruction = embed(generator.instruction_ids).detach()
-    assert torch.allclose(generator.prompt_embeddings(features, labels)[0, visual + length:].detach(), instruction)
+    assert torch.allclose(prompt[visual + length:], embed(generator.instruction_ids).detach())
+
 
 def test_unmentioned_observations_train_the_disease_head_as_negatives_unless_ignored():
     """IU reports name Atelectasis mostly when present (244 positive, 8 negative, 2,822 unmentioned in train):

@@ -208,7 +208,7 @@ class ReportGenerator(nn.Module):
         self.disease_prompt, self.disease_unmentioned = disease_prompt, disease_unmentioned
         self.decoder = decoder.model
         self.tokenizer = decoder.tokenizer
-        self.disease_tokens = None
+        self.disease_tokens = None  # the 'tokens' form's parameters; the 'words' form reads the decoder's embeddings
         if disease_prompt != "off" and disease_prompt_form == "tokens":
             self.disease_tokens = nn.Parameter(self._observation_word_embeddings())
         if disease_prompt != "off" and disease_prompt_form == "words":
@@ -216,7 +216,6 @@ class ReportGenerator(nn.Module):
             self.register_buffer("disease_word_ids", ids, persistent=False)
             self.register_buffer("disease_state_ids", states, persistent=False)
             self.register_buffer("disease_slots", slots, persistent=False)
-        self.disease_prompt_form = disease_prompt_form if disease_prompt != "off" else "off"
         # the head's operating point per observation, as a logit (present when logit ≥ it); 0 (p ≥ ½) until
         # fit_operating_points sets it from the training pairs at the end of each supervised epoch
         self.register_buffer("decision_logits", torch.zeros(len(CHEXPERT_OBSERVATIONS)))
@@ -283,7 +282,7 @@ class ReportGenerator(nn.Module):
         labels that mode gives the head's decision at its operating point (1 or 0), the tokens the decoder was taught.
         """
         parts = [self.project(features)]
-        if self.disease_prompt_form != "off":
+        if self.disease_prompt != "off":
             if labels is not None and self.disease_prompt == "teacher_forced":
                 p = (labels == Label.POSITIVE).float().unsqueeze(-1)  # [B, 14, 1]
             else:

@@ -141,7 +141,8 @@ def sampling_ceiling(cfg: ExperimentConfig, rounds: int = 3) -> dict:
 
     context = multiprocessing.get_context("spawn")
     reports = [f"report {i}: no acute cardiopulmonary abnormality." for i in range(cfg.rollout.batch_size)]
-    halves = [reports[: (len(reports) + 1) // 2], reports[(len(reports) + 1) // 2:]]
+    middle = (len(reports) + 1) // 2
+    halves = [reports[:middle], reports[middle:]]
     result = {}
     for name, parts in (("one_process", [reports]), ("two_processes", halves)):
         start, queue = context.Barrier(len(parts)), context.Queue()
