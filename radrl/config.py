@@ -137,6 +137,10 @@ class ReportGeneratorConfig(Section):
         "negative", description="L_disease target of an observation the report does not mention: negative (what the "
                                 "prompt teacher-forces too), or left out of the loss (then an observation reports "
                                 "mention mostly when present, e.g. Atelectasis, trains the head on positives only)")
+    disease_pos_weight: Literal["none", "sqrt", "ratio"] = Field(
+        "none", description="weight of an observation's positive pairs in L_disease, from the training labels: 1, "
+                            "sqrt(n_negative / n_positive), or n_negative / n_positive (a rare finding's head learns "
+                            "without repeating its reports to the decoder, as learner.repeat_factor_threshold does)")
 
 
 class ModelsConfig(Section):
@@ -186,6 +190,10 @@ class RolloutConfig(Section):
                                                   "pairs instead of sampling it again; needs noise_seeds_per_report")
     precompute_anchor: bool = Field(False, description="score the anchor on every training (report, seed) pair before "
                                                        "training (for a small data.n_train); needs anchor_cache")
+    repeat_factor_threshold: float | None = Field(
+        None, gt=0, le=1, description="cxrl: draw each iteration's training reports in proportion to their LVIS repeat "
+                                      "factor max(1, sqrt(t / f)), f the share of training reports with the report's "
+                                      "rarest positive finding; None = uniformly (IU reports are mostly normal)")
     resources: Resources = Resources()
 
     @property

@@ -280,10 +280,27 @@ def test_operating_points_are_the_f1_best_thresholds_and_travel_with_the_supervi
     assert all(p.requires_grad for p in policy.supervised_parameters())
 
 
+def test_disease_pos_weight_counts_negatives_as_the_loss_does():
+    """disease_pos_weight: 1 effusion among 4 pairs → 3 negatives; sqrt → sqrt(3), ratio → 3; an observation with no
+    positive keeps 1. With 'ignore', an unmentioned label is no negative: 1 positive, 1 NEGATIVE → ratio 1."""
+    from radrl.data.observations import Label
+    from radrl.models.report_generator import disease_pos_weights
+
+    labels = np.full((4, 14), int(Label.NOT_MENTIONED), dtype=np.int8)
+    effusion = CHEXPERT_OBSERVATIONS.index("Pleural Effusion")
+    labels[0, effusion], labels[1, effusion] = int(Label.POSITIVE), int(Label.NEGATIVE)
+    assert disease_pos_weights(labels, "none") is None
+    assert disease_pos_weights(labels, "ratio")[effusion] == pytest.approx(3.0)
+    assert disease_pos_weights(labels, "sqrt")[effusion] == pytest.approx(3 ** 0.5)
+    assert disease_pos_weights(labels, "ratio", "ignore")[effusion] == pytest.approx(1.0)
+    assert disease_pos_weights(labels, "ratio")[CHEXPERT_OBSERVATIONS.index("Edema")] == 1.0
+
+
 def test_repeat_factor_sampling_follows_lvis():
     """LVIS (Gupta et al. 2019): r_c = max(1, sqrt(t / f_c)), a pair's factor the max over its findings."""
     from radrl.data.observations import Label
-    from radrl.learner.ppo_learner import epoch_order, repeat_factors
+    from radrl.data.report_pool import repeat_factors
+    from radrl.learner.ppo_learner import epoch_order
 
     labels = np.full((8, 14), int(Label.NOT_MENTIONED), dtype=np.int8)
     labels[:, 0] = int(Label.POSITIVE)  # No Finding everywhere: never a reason to repeat

@@ -33,6 +33,22 @@ def test_iteration_reports_depend_on_seed_and_iteration_only():
     assert iteration_reports(pool, 8, seed=0, iteration=3) != iteration_reports(pool, 8, seed=1, iteration=3)
 
 
+def test_weighted_draws_follow_repeat_factors():
+    """rollout.repeat_factor_threshold: a report with a finding in 1 of 10 reports and t = 1 has LVIS factor
+    sqrt(1 / 0.1) = 3.162 against 1 for the 9 normal ones, so it is drawn with probability 3.162 / 12.162."""
+    from radrl.data.labeler import label_reports
+    from radrl.data.report_pool import repeat_factors
+
+    pool = ["Large right pleural effusion."] + [f"Normal chest {i}. No acute disease." for i in range(9)]
+    factors = repeat_factors(label_reports(pool), threshold=1.0)
+    assert factors == pytest.approx([10 ** 0.5] + [1.0] * 9)
+    draws = [r for it in range(4000) for r in iteration_reports(pool, 1, seed=0, iteration=it, weights=factors)]
+    assert draws.count(pool[0]) / len(draws) == pytest.approx(10 ** 0.5 / (10 ** 0.5 + 9), abs=0.02)
+    uniform = [r for it in range(4000) for r in iteration_reports(pool, 1, seed=0, iteration=it)]
+    assert uniform.count(pool[0]) / len(uniform) == pytest.approx(0.1, abs=0.02)
+    assert (iteration_reports(pool, 4, 0, 7, 2, factors) == iteration_reports(pool, 4, 0, 7, 2, factors))
+
+
 def test_groups_of_samples_per_report():
     reports = iteration_reports([f"report {i}" for i in range(100)], 8, seed=0, iteration=0, samples_per_report=4)
     assert len(reports) == 8 and len(set(reports)) == 2

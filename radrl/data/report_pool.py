@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from radrl.config import DataConfig
+from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 
 
 def report_pool(cfg: DataConfig, split: str) -> list[str]:
@@ -43,11 +44,24 @@ def report_pool(cfg: DataConfig, split: str) -> list[str]:
     return [texts[i] for i in sorted(order)]
 
 
-def iteration_reports(pool: list, count: int, seed: int, iteration: int, samples_per_report: int = 1) -> list:
+def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
+    """LVIS's repeat factor per pair: max over its POSITIVE findings c (No Finding aside) of max(1, sqrt(t / f_c)),
+    f_c the share of pairs with c positive; 1 for a pair with none."""
+    positive = labels == Label.POSITIVE
+    positive[:, CHEXPERT_OBSERVATIONS.index("No Finding")] = False
+    share = positive.mean(axis=0)
+    per_class = np.maximum(1.0, np.sqrt(threshold / np.maximum(share, 1e-12)))
+    return np.where(positive, per_class, 1.0).max(axis=1)
+
+
+def iteration_reports(pool: list, count: int, seed: int, iteration: int, samples_per_report: int = 1,
+                      weights: np.ndarray | None = None) -> list:
     """The `count` reports (or any pool items) of one iteration, each of count / samples_per_report distinct ones
-    repeated samples_per_report times in a row. A function of (seed, iteration) only, so a resumed
-    run draws exactly what the uninterrupted run would have."""
+    repeated samples_per_report times in a row. Drawn uniformly, or in proportion to `weights` (one per pool
+    item, e.g. repeat factors). A function of (seed, iteration) only, so a resumed run draws exactly what the
+    uninterrupted run would have."""
     distinct = count // samples_per_report
     rng = np.random.default_rng([seed, iteration])
-    chosen = rng.choice(len(pool), size=distinct, replace=distinct > len(pool))
+    p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    chosen = rng.choice(len(pool), size=distinct, replace=distinct > len(pool), p=p)
     return [pool[i] for i in chosen for _ in range(samples_per_report)]

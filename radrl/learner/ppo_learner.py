@@ -11,25 +11,15 @@ import numpy as np
 import torch
 
 from radrl.config import ExperimentConfig
-from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.data.pairs import ImageReportSet
+from radrl.data.report_pool import repeat_factors
 from radrl.learner.ddpo import check_update_batch, finite_rows
 from radrl.learner.ppo import adaptive_lambda_kl, group_advantages, ppo_loss
 from radrl.learner.state import load_training_state, training_state
 from radrl.models.diffusion_policy import PublishedWeights
-from radrl.models.report_generator import build_report_policy
+from radrl.models.report_generator import build_report_policy, disease_pos_weights
 from radrl.rollout.report_worker import ReportTrajectory, concat_report_trajectories
 from radrl.rollout.worker import device_for
-
-
-def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
-    """LVIS's repeat factor per pair: max over its POSITIVE findings c (No Finding aside) of max(1, sqrt(t / f_c)),
-    f_c the share of pairs with c positive; 1 for a pair with none."""
-    positive = labels == Label.POSITIVE
-    positive[:, CHEXPERT_OBSERVATIONS.index("No Finding")] = False
-    share = positive.mean(axis=0)
-    per_class = np.maximum(1.0, np.sqrt(threshold / np.maximum(share, 1e-12)))
-    return np.where(positive, per_class, 1.0).max(axis=1)
 
 
 def epoch_order(labels: np.ndarray, threshold: float | None, seed) -> np.ndarray:
@@ -71,13 +61,15 @@ class ReportLearner:
         generator = self.policy.generator
         size = self.cfg.learner.supervised_batch_size
         order = epoch_order(data.labels, self.cfg.learner.repeat_factor_threshold, [self.cfg.seed, epoch])
+        rg = self.cfg.models.report_generator
+        weights = disease_pos_weights(np.asarray(data.labels), rg.disease_pos_weight, rg.disease_unmentioned)
+        pos_weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
         totals: dict[str, list[float]] = {"loss": [], "report": [], "disease": [], "grad_norm": []}
         for start in range(0, len(order), size):
             batch = data.take(order[start:start + size])
             images = torch.from_numpy(batch.images).to(self.device)
             labels = torch.from_numpy(batch.labels).to(self.device)
-            loss, parts = generator.supervised_loss(images, list(batch.reports), labels,
-                                                    self.cfg.models.report_generator.disease_weight)
+            loss, parts = generator.supervised_loss(images, list(batch.reports), labels, rg.disease_weight, pos_weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = self._clip_and_step(self.policy.supervised_parameters(), "supervised")

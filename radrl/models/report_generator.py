@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
@@ -401,8 +402,10 @@ class ReportGenerator(nn.Module):
         return -log_probs.sum(dim=1) / mask.sum(dim=1)
 
     def supervised_loss(self, images: torch.Tensor, reports: list[str], labels: torch.Tensor,
-                        disease_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = L_report (token cross-entropy) + λ · L_disease (BCE; uncertain / unmentioned labels masked)."""
+                        disease_weight: float, pos_weight: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = L_report (token cross-entropy) + λ · L_disease (BCE; uncertain / unmentioned labels masked; a
+        positive label's term weighted by pos_weight [14], see disease_pos_weights)."""
         features = self.visual_features(images)
         tokens, mask = self.encode_reports(reports)
         log_probs = self.token_log_probs(self.prompt_embeddings(features, labels), tokens, mask)
@@ -413,7 +416,7 @@ class ReportGenerator(nn.Module):
         if self.disease_unmentioned == "negative":
             known |= labels == Label.NOT_MENTIONED
         bce = F.binary_cross_entropy_with_logits(self.disease_logits(features), (labels == Label.POSITIVE).float(),
-                                                 reduction="none")
+                                                 reduction="none", pos_weight=pos_weight)
         disease_loss = (bce * known).sum() / known.sum().clamp(min=1)
         loss = report_loss + disease_weight * disease_loss
         return loss, {"report": float(report_loss.detach()), "disease": float(disease_loss.detach())}
@@ -496,6 +499,21 @@ class ReportPolicy(nn.Module):
         """The frozen reference G_ref: the supervised model (RL LoRA disabled)."""
         with self.generator.decoder.disable_adapter():
             yield
+
+
+def disease_pos_weights(labels: np.ndarray, form: str, unmentioned: str = "negative") -> np.ndarray | None:
+    """Per observation, the weight of a positive label in L_disease (disease_pos_weight): None for 'none', else
+    sqrt(n_negative / n_positive) ('sqrt') or n_negative / n_positive ('ratio') over the training labels [N, 14],
+    the negatives counted as L_disease counts them (NOT_MENTIONED too unless `unmentioned` is 'ignore'); 1 for an
+    observation without positives or negatives."""
+    if form == "none":
+        return None
+    positive = (labels == Label.POSITIVE).sum(axis=0)
+    negative = (labels == Label.NEGATIVE).sum(axis=0)
+    if unmentioned == "negative":
+        negative = negative + (labels == Label.NOT_MENTIONED).sum(axis=0)
+    ratio = np.where((positive > 0) & (negative > 0), negative / np.maximum(positive, 1), 1.0)
+    return np.sqrt(ratio) if form == "sqrt" else ratio
 
 
 def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:

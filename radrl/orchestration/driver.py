@@ -22,7 +22,8 @@ import torch
 from radrl.checkpoints import check_resumable, latest_checkpoint, save_checkpoint, valid_checkpoint
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
-from radrl.data.report_pool import iteration_reports, report_pool
+from radrl.data.labeler import label_reports
+from radrl.data.report_pool import iteration_reports, repeat_factors, report_pool
 from radrl.eval.diagnosis import diagnosis_summary, format_diagnosis_table, mean_auroc
 from radrl.models.classifier import PAPER_CLASSES, chexpert_names
 from radrl.orchestration.actors import Roles
@@ -156,6 +157,8 @@ class CXRLTrainer:
         self.get, self.put = roles.cluster.get, roles.cluster.put
         self.run_dir = Path(cfg.logging.run_dir)
         self.train_pool = report_pool(cfg.data, "train")
+        self.report_weights = (None if cfg.rollout.repeat_factor_threshold is None else
+                               repeat_factors(label_reports(self.train_pool), cfg.rollout.repeat_factor_threshold))
         self.eval_reports = evaluation_reports(report_pool(cfg.data, "test"), cfg.logging.eval_reports)
         rollout = cfg.rollout
         self.per_iteration = rollout.trajectories_per_iteration
@@ -304,7 +307,7 @@ class CXRLTrainer:
         """Start sampling an iteration's reports on the workers (its anchor only where the cache lacks it)."""
         cfg = self.cfg
         reports = iteration_reports(self.train_pool, self.per_iteration, cfg.seed, iteration,
-                                    cfg.rollout.samples_per_report)
+                                    cfg.rollout.samples_per_report, self.report_weights)
         seeds = (iteration_noise_seeds(reports, cfg.rollout.noise_seeds_per_report, cfg.seed, iteration)
                  if cfg.rollout.noise_seeds_per_report else None)
         if self.anchor_cache is not None:
