@@ -58,9 +58,12 @@ def test_in_process_rrg_run_writes_both_stages_and_the_table(tmp_path):
     table = (tmp_path / "results.md").read_text()
     for label in ("BLEU-4", "METEOR", "ROUGE-L", "CE precision", "CE recall", "CE F1", "RadCliQ v0", "RadCliQ v1",
                   "sampled, T = 1", "always \"normal\"", "most common train report", "labeler agreement",
-                  "Offline stand-ins", "paired bootstrap s.e."):
+                  "Offline stand-ins", "paired bootstrap s.e.", "disease head's decisions"):
         assert label in table, label
     results = json.loads((tmp_path / "results.json").read_text())
+    head = results["supervised"]["head_per_observation"]  # the head's decisions scored apart from the decoder
+    assert set(head) == set(results["supervised"]["ce_per_observation"])
+    assert all(np.isnan(v["f1"]) or 0 <= v["f1"] <= 1 for v in head.values())
     assert set(results["ce_f1_change"]) >= {"Pleural Effusion", "Cardiomegaly"}
     assert (tmp_path / "reward_curves.png").is_file() and (tmp_path / "region_attention.png").is_file()
 

@@ -67,7 +67,12 @@ def ce_per_observation(candidates: Sequence[str], references: Sequence[str]) -> 
 
     An observation no reference and no candidate marks positive has no F1 (NaN): there is nothing to find.
     """
-    predicted, truth = _positives(candidates, references)
+    return per_observation_scores(*_positives(candidates, references))
+
+
+def per_observation_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per observation, F1 / precision / recall of `predicted` against `truth` (bool [N, 14]), and the positives
+    (e.g. the disease head's decisions against the references' POSITIVE labels)."""
     result = {}
     for k, name in enumerate(CHEXPERT_OBSERVATIONS):
         hits = int((predicted[:, k] & truth[:, k]).sum())

@@ -328,6 +328,12 @@ class ReportGenerator(nn.Module):
         """[B, 1 + K, D] → [B, 14] logits of the CheXpert observations."""
         return self.disease_head(features.flatten(1))
 
+    @torch.no_grad()
+    def disease_decisions(self, images: torch.Tensor) -> torch.Tensor:
+        """The head's present/absent decision per observation at its operating points, [B, 1, H, W] → bool [B, 14]:
+        what a teacher-forced disease prompt tells the decoder."""
+        return self.disease_logits(self.visual_features(images)) >= self.decision_logits
+
     # ------------------------------------------------------------------ text
 
     def encode_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,11 +20,14 @@ import numpy as np
 from radrl.checkpoints import PREFIX, latest_checkpoint, load_checkpoint, save_checkpoint
 from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
+from radrl.data.labeler import label_reports
+from radrl.data.observations import Label
 from radrl.data.pairs import image_report_pairs
 from radrl.data.report_pool import iteration_reports
 from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
-from radrl.eval.text_metrics import ce_baselines, ce_f1_changes, ce_per_observation, nlg_and_ce
+from radrl.eval.text_metrics import (ce_baselines, ce_f1_changes, ce_per_observation, nlg_and_ce,
+                                    per_observation_scores)
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.driver import (FaultLog, RunFailed, StageTimer, broadcast_weights, check_staleness,
                                         restore_learner, resume_hint, sampling_calls)
@@ -230,6 +233,10 @@ class RRGTrainer:
         scorer = self.reward_actors[0]
         summary = report_summary(texts, references, self.get(scorer.evaluate.remote(texts, references)))
         summary["ce_per_observation"] = ce_per_observation(texts, references)
+        decisions = np.concatenate(self.get([workers[k % len(workers)].disease_decisions.remote(images[s:s + size])
+                                             for k, s in enumerate(starts)]))
+        summary["head_per_observation"] = per_observation_scores(
+            decisions, label_reports(references) == Label.POSITIVE)
         sampled_scores = self.get(scorer.evaluate.remote(samples, references))
         summary["sampled"] = {f"radcliq_{v}": float(np.mean(sampled_scores[f"radcliq_{v}"])) for v in ("v0", "v1")}
         summary["per_report"].update({f"sampled_radcliq_{v}": sampled_scores[f"radcliq_{v}"].tolist()
@@ -407,9 +414,11 @@ def format_results_table(results: dict) -> str:
                  + (". Offline stand-ins, not the official RadCliQ." if "rule" in names["radgraph"] else "."))
     baselines, changes = results["baselines"], results.get("ce_f1_change", {})
     lines += ["", "| CE F1, greedy (held-out positives) | always \"normal\" | most common train report | supervised "
-              "| after CQRL | change (± paired bootstrap s.e.) |", "|---|---|---|---|---|---|",
+              "| after CQRL | change (± paired bootstrap s.e.) | disease head's decisions |",
+              "|---|---|---|---|---|---|---|",
               f"| example-based | {baselines['always_normal']['ce_f1']:.3f} | "
-              f"{baselines['most_common_train']['ce_f1']:.3f} | {before['ce_f1']:.3f} | {after['ce_f1']:.3f} | |"]
+              f"{baselines['most_common_train']['ce_f1']:.3f} | {before['ce_f1']:.3f} | {after['ce_f1']:.3f} | | |"]
+    head = before.get("head_per_observation", {})
     for name, value in before["ce_per_observation"].items():
         if value["positives"]:
             cells = [baselines["always_normal"]["ce_per_observation"][name]["f1"],
@@ -417,8 +426,9 @@ def format_results_table(results: dict) -> str:
                      after["ce_per_observation"][name]["f1"]]
             change = changes.get(name)
             shown = f"{change['change']:+.3f} ± {change['se']:.3f}" if change else ""
+            head_f1 = f"{head[name]['f1']:.3f}" if name in head else ""
             lines.append(f"| {name} ({value['positives']}) | " + " | ".join(f"{c:.3f}" for c in cells)
-                         + f" | {shown} |")
+                         + f" | {shown} | {head_f1} |")
     if skipped := results.get("skipped_pairs"):
         lines += ["", f"Data: skipped {skipped['train']} training and {skipped['test']} held-out image–report pairs "
                       "(unreadable image or empty report; the log names each)."]

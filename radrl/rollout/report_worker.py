@@ -123,3 +123,7 @@ class ReportRolloutWorker:
     def greedy(self, images) -> list[str]:
         """Greedy-decoded reports of the current policy (evaluation)."""
         return self.policy.generator.greedy_reports(self._images(images))
+
+    def disease_decisions(self, images) -> np.ndarray:
+        """The disease head's decisions on images, bool [B, 14] (evaluation: the head apart from the decoder)."""
+        return self.policy.generator.disease_decisions(self._images(images)).cpu().numpy()
