@@ -137,6 +137,10 @@ class ReportGeneratorConfig(Section):
         "negative", description="L_disease target of an observation the report does not mention: negative (what the "
                                 "prompt teacher-forces too), or left out of the loss (then an observation reports "
                                 "mention mostly when present, e.g. Atelectasis, trains the head on positives only)")
+    visual_prompt_dropout: float = Field(
+        0.0, ge=0, lt=1, description="supervised stage: the share of pairs whose visual prompts are zeroed in the "
+                                     "decoder's input (L_disease still sees them), so the decoder learns to write "
+                                     "findings from the disease prompt")
     disease_pos_weight: Literal["none", "sqrt", "ratio"] = Field(
         "none", description="weight of an observation's positive pairs in L_disease, from the training labels: 1, "
                             "sqrt(n_negative / n_positive), or n_negative / n_positive (a rare finding's head learns "

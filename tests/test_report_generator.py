@@ -294,6 +294,30 @@ def test_disease_pos_weight_counts_negatives_as_the_loss_does():
     assert disease_pos_weights(labels, "sqrt")[effusion] == pytest.approx(3 ** 0.5)
     assert disease_pos_weights(labels, "ratio", "ignore")[effusion] == pytest.approx(1.0)
     assert disease_pos_weights(labels, "ratio")[CHEXPERT_OBSERVATIONS.index("Edema")] == 1.0
+    # in the loss it multiplies a positive's BCE term: 4 positives at logit 2, weight 3 → 3·log(1 + e^-2)
+    cfg = config(**{"models.report_generator.disease_unmentioned": "ignore"})
+    generator = build_report_policy(cfg, "cpu").generator
+    with torch.no_grad():
+        generator.disease_head.weight.zero_()
+        generator.disease_head.bias.fill_(2.0)
+    codes = torch.full((4, 14), int(Label.NOT_MENTIONED))
+    codes[:, effusion] = int(Label.POSITIVE)
+    weighted = generator.supervised_loss(images(), REPORTS, codes, 1.0, torch.full((14,), 3.0))[1]["disease"]
+    assert weighted == pytest.approx(3 * np.log1p(np.exp(-2.0)), rel=1e-5)
+
+
+def test_visual_prompt_dropout_hides_the_image_from_the_report_loss_only():
+    """A dropped row's report loss no longer depends on its image; L_disease still does."""
+    from radrl.data.observations import Label
+
+    generator = build_report_policy(config(), "cpu").generator
+    labels = torch.full((4, 14), int(Label.NOT_MENTIONED))
+    every, none = torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = (generator.supervised_loss(images(seed=s), REPORTS, labels, 1.0, drop_visual=every)[1] for s in (0, 1))
+        kept = [generator.supervised_loss(images(seed=s), REPORTS, labels, 1.0, drop_visual=none)[1] for s in (0, 1)]
+    assert a["report"] == pytest.approx(b["report"], rel=1e-6) and a["disease"] != pytest.approx(b["disease"])
+    assert kept[0]["report"] != pytest.approx(kept[1]["report"], rel=1e-6)
 
 
 def test_repeat_factor_sampling_follows_lvis():

@@ -64,12 +64,16 @@ class ReportLearner:
         rg = self.cfg.models.report_generator
         weights = disease_pos_weights(np.asarray(data.labels), rg.disease_pos_weight, rg.disease_unmentioned)
         pos_weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
+        dropout = rg.visual_prompt_dropout
+        draws = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(1)[0]))
         totals: dict[str, list[float]] = {"loss": [], "report": [], "disease": [], "grad_norm": []}
         for start in range(0, len(order), size):
             batch = data.take(order[start:start + size])
             images = torch.from_numpy(batch.images).to(self.device)
             labels = torch.from_numpy(batch.labels).to(self.device)
-            loss, parts = generator.supervised_loss(images, list(batch.reports), labels, rg.disease_weight, pos_weight)
+            drop = (torch.rand(len(batch), generator=draws) < dropout).to(self.device) if dropout else None
+            loss, parts = generator.supervised_loss(images, list(batch.reports), labels, rg.disease_weight, pos_weight,
+                                                    drop)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = self._clip_and_step(self.policy.supervised_parameters(), "supervised")

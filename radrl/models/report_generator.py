@@ -408,13 +408,18 @@ class ReportGenerator(nn.Module):
         return -log_probs.sum(dim=1) / mask.sum(dim=1)
 
     def supervised_loss(self, images: torch.Tensor, reports: list[str], labels: torch.Tensor,
-                        disease_weight: float, pos_weight: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
+                        disease_weight: float, pos_weight: torch.Tensor | None = None,
+                        drop_visual: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """L = L_report (token cross-entropy) + λ · L_disease (BCE; uncertain / unmentioned labels masked; a
-        positive label's term weighted by pos_weight [14], see disease_pos_weights)."""
+        positive label's term weighted by pos_weight [14], see disease_pos_weights). Rows where drop_visual (bool
+        [B]) is set see zeros for their visual prompts in L_report (visual_prompt_dropout)."""
         features = self.visual_features(images)
         tokens, mask = self.encode_reports(reports)
-        log_probs = self.token_log_probs(self.prompt_embeddings(features, labels), tokens, mask)
+        prompts = self.prompt_embeddings(features, labels)
+        if drop_visual is not None:  # the first 1 + K prompt rows are the projected visual features
+            keep = (~drop_visual).to(prompts.dtype).view(-1, 1, 1)
+            prompts = torch.cat([prompts[:, :features.shape[1]] * keep, prompts[:, features.shape[1]:]], dim=1)
+        log_probs = self.token_log_probs(prompts, tokens, mask)
         report_loss = -log_probs.sum() / mask.sum()
         # labels: CheXpert codes; POSITIVE → 1, NEGATIVE → 0, UNCERTAIN left out of L_disease, NOT_MENTIONED → 0
         # (disease_unmentioned 'negative', the default) or left out ('ignore')
