@@ -116,11 +116,13 @@ class ReportGeneratorConfig(Section):
                                       "probability; teacher_forced: the supervised stage uses the reference report's "
                                       "labels instead, and generation the head's 0/1 decision at per-observation "
                                       "operating points fit on the training pairs")
-    disease_prompt_form: Literal["tokens", "words"] = Field(
+    disease_prompt_form: Literal["tokens", "words", "present_words"] = Field(
         "tokens", description="how the disease prompt reaches the decoder: tokens, one learnt token per observation "
                               "(its present/absent pair, started at the words' mean embedding); words, the "
                               "observations' names as decoder tokens, each followed by 'present' or 'negative' "
-                              "(one rule shared by all observations: a rare finding learns from the common ones)")
+                              "(one rule shared by all observations: a rare finding learns from the common ones); "
+                              "present_words, as words but an absent observation's name is masked by 'negative', "
+                              "so only present findings' names are in the prompt")
     instruction: str = "Write the findings and impression of this chest radiograph."
     max_new_tokens: int = Field(96, ge=2, description="longest generated report, in tokens")
     supervised_decoder: Literal["lora", "full"] = Field(

@@ -134,6 +134,27 @@ def test_words_disease_prompt_is_the_observation_names_each_followed_by_present_
     assert torch.allclose(prompt[visual + length:], embed(generator.instruction_ids).detach())
 
 
+def test_present_words_prompt_names_only_the_present_findings():
+    """present_words: an absent observation's name tokens read 'negative' too; only present findings are named."""
+    from radrl.data.observations import Label
+
+    cfg = config(**{"models.report_generator.disease_prompt_form": "present_words"})
+    generator = build_report_policy(cfg, "cpu").generator
+    tokenizer, embed = generator.tokenizer, generator.decoder.get_input_embeddings()
+
+    def spelt(name):  # written out by hand: the name's own tokens, or as many 'negative's
+        count = len(tokenizer(name.lower(), add_special_tokens=False)["input_ids"])
+        return f"{name.lower()} present" if name == "Pleural Effusion" else " ".join(["negative"] * (count + 1))
+
+    text = " ".join(spelt(name) for name in CHEXPERT_OBSERVATIONS)
+    expected = embed(torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])).detach()
+    labels = torch.full((1, 14), int(Label.NEGATIVE))
+    labels[0, CHEXPERT_OBSERVATIONS.index("Pleural Effusion")] = int(Label.POSITIVE)
+    features = generator.visual_features(images(1))
+    prompt = generator.prompt_embeddings(features, labels)[0].detach()
+    assert torch.allclose(prompt[features.shape[1]:features.shape[1] + len(expected)], expected)
+
+
 def test_unmentioned_observations_train_the_disease_head_as_negatives_unless_ignored():
     """IU reports name Atelectasis mostly when present (244 positive, 8 negative, 2,822 unmentioned in train):
     with unmentioned left out, the head would only ever see positives."""

@@ -212,11 +212,13 @@ class ReportGenerator(nn.Module):
         self.disease_tokens = None  # the 'tokens' form's parameters; the 'words' form reads the decoder's embeddings
         if disease_prompt != "off" and disease_prompt_form == "tokens":
             self.disease_tokens = nn.Parameter(self._observation_word_embeddings())
-        if disease_prompt != "off" and disease_prompt_form == "words":
-            ids, slots, states = self._observation_words()
+        self.mask_absent_names = disease_prompt_form == "present_words"
+        if disease_prompt != "off" and disease_prompt_form in ("words", "present_words"):
+            ids, slots, states, owners = self._observation_words()
             self.register_buffer("disease_word_ids", ids, persistent=False)
             self.register_buffer("disease_state_ids", states, persistent=False)
             self.register_buffer("disease_slots", slots, persistent=False)
+            self.register_buffer("disease_name_owner", owners, persistent=False)
         # the head's operating point per observation, as a logit (present when logit ≥ it); 0 (p ≥ ½) until
         # fit_operating_points sets it from the training pairs at the end of each supervised epoch
         self.register_buffer("decision_logits", torch.zeros(len(CHEXPERT_OBSERVATIONS)))
@@ -237,19 +239,23 @@ class ReportGenerator(nn.Module):
             rows.append(torch.stack([embed(i.to(embed.weight.device)).mean(dim=0) for i in ids]))
         return torch.stack(rows)
 
-    def _observation_words(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The 'words' form's token ids "<name_1> · <name_2> · …" [L], the state slots · [14], and the ids of the
-        two state words [2] ('present', 'negative': one token each in the report vocabulary; two more then)."""
+    def _observation_words(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The 'words' form's token ids "<name_1> · <name_2> · …" [L], the state slots · [14], the ids of the
+        two state words [2] ('present', 'negative': one token each in the report vocabulary; two more then), and
+        per token the observation whose name it spells (−1 on state slots) [L]."""
         states = [self.tokenizer(word, add_special_tokens=False)["input_ids"] for word in ("present", "negative")]
         if any(len(ids) != 1 for ids in states):
             raise ValueError("disease_prompt_form 'words' needs 'present' and 'negative' to be one token each in the "
                              f"decoder's vocabulary (got {states}); use disease_prompt_form 'tokens'")
-        ids, slots = [], []
-        for name in CHEXPERT_OBSERVATIONS:
-            ids += self.tokenizer(name.lower(), add_special_tokens=False)["input_ids"]
+        ids, slots, owners = [], [], []
+        for k, name in enumerate(CHEXPERT_OBSERVATIONS):
+            name_ids = self.tokenizer(name.lower(), add_special_tokens=False)["input_ids"]
+            ids += name_ids
+            owners += [k] * len(name_ids)
             slots.append(len(ids))
             ids += states[0]
-        return torch.tensor(ids), torch.tensor(slots), torch.tensor([s[0] for s in states])
+            owners.append(-1)
+        return torch.tensor(ids), torch.tensor(slots), torch.tensor([s[0] for s in states]), torch.tensor(owners)
 
     def _disease_block(self, p: torch.Tensor) -> torch.Tensor:
         """Per-observation probabilities [B, 14, 1] → the disease prompt's embeddings [B, 14 or L, H]."""
@@ -259,6 +265,10 @@ class ReportGenerator(nn.Module):
         states = embed(self.disease_state_ids).float()  # [2, H]
         block = embed(self.disease_word_ids).float().unsqueeze(0).repeat(len(p), 1, 1)
         block[:, self.disease_slots] = p * states[0] + (1 - p) * states[1]
+        if self.mask_absent_names:  # present_words: an absent observation's name reads 'negative'
+            names = self.disease_name_owner >= 0
+            q = p[:, self.disease_name_owner[names]]  # [B, n_name_tokens, 1]
+            block[:, names] = q * block[:, names] + (1 - q) * states[1]
         return block
 
     # ------------------------------------------------------------------ features and prompts
