@@ -145,11 +145,11 @@ def test_check_resumable_allows_scale_changes_only():
         check_resumable(saved, {"learner": {"iterations": 20, "lr": 1e-3}, "rollout": {"num_workers": 1}})
 
 
-def scrape_radrl_metrics(port: int, seconds: float = 60) -> dict[str, float]:
-    """The radrl_* series on a Ray node's Prometheus endpoint (name → last value), once they appear (Ray exports
-    every few seconds)."""
+def scrape_radrl_metrics(port: int, iteration: float, seconds: float = 60) -> dict[str, float]:
+    """The radrl_* series on a Ray node's Prometheus endpoint (name → last value), once the iteration gauge reads
+    `iteration` (Ray exports every few seconds, so an early scrape can still show an earlier iteration)."""
     deadline, found = time.time() + seconds, {}
-    while time.time() < deadline and "ray_radrl_iteration" not in found:
+    while time.time() < deadline and found.get("ray_radrl_iteration") != iteration:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         found = {line.split("{")[0].split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                  if line.startswith("ray_radrl_")}
@@ -179,7 +179,7 @@ def test_two_iterations_on_local_ray_with_two_rollout_workers(tmp_path):
         assert [t.weight_version for t in get(trajectories)] == [2, 2]  # one batch from each worker
         assert [r.weight_version for r in rollouts] == [2, 2]
         assert [h["iteration"] for h in history(tmp_path)] == [1, 2]
-        exported = scrape_radrl_metrics(ray.nodes()[0]["MetricsExportPort"])  # what Prometheus would read
+        exported = scrape_radrl_metrics(ray.nodes()[0]["MetricsExportPort"], 2.0)  # what Prometheus would read
         assert {"ray_radrl_iteration", "ray_radrl_samples_generated_total", "ray_radrl_reward_total",
                 "ray_radrl_stage_seconds"} <= set(exported)
         assert exported["ray_radrl_iteration"] == 2.0
