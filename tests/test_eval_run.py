@@ -87,6 +87,17 @@ def test_cqrl_from_another_runs_supervised_stage_and_rrg_eval(tmp_path):
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["metrics"]["policy"] == evaluation["metrics"]["policy"]
     assert "RadCliQ feature: rule entity/relation F1" in table.read_text()
 
+    # a supervised run saved before a models key existed still matches at that key's default
+    from radrl.orchestration.rrg_driver import finished_supervised_checkpoint
+
+    for state_file in (tmp_path / "sft" / "checkpoints").glob("*/state.json"):
+        state = json.loads(state_file.read_text())
+        del state["config"]["models"]["report_generator"]["visual_prompt_dropout"]
+        state_file.write_text(json.dumps(state))
+    assert finished_supervised_checkpoint(tmp_path / "sft", rl_cfg)[0].parent == tmp_path / "sft" / "checkpoints"
+    with pytest.raises(ValueError, match="different models"):
+        finished_supervised_checkpoint(tmp_path / "sft", config(RRG, tmp_path / "x", **{
+            "models.report_generator.visual_prompt_dropout": 0.3}))
     with pytest.raises(ValueError, match="different learner.supervised_lr"):
         run_training(config(RRG, tmp_path / "other", **{"learner.supervised_checkpoint": str(tmp_path / "sft"),
                                                          "learner.supervised_lr": 1e-3}))

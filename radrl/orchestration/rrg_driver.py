@@ -341,6 +341,15 @@ SUPERVISED_KEYS = ("seed", "data", "models", "learner.supervised_epochs", "learn
                    "learner.supervised_batch_size")
 
 
+def completed_config(saved: dict) -> dict:
+    """A run's saved config with the keys added to the schema since then at their defaults (a new key's default
+    keeps the behaviour from before it), so an older supervised run still matches the model it trained."""
+    try:
+        return ExperimentConfig.model_validate(saved).model_dump(mode="json")
+    except ValueError:  # a key since removed or renamed: compare what was saved, as saved
+        return saved
+
+
 def finished_supervised_checkpoint(path: Path, cfg: ExperimentConfig) -> tuple[Path, dict]:
     """The checkpoint that ends the supervised stage of the run at `path` (a run folder or a checkpoint folder)."""
     folders = [path] if (path / "state.json").is_file() else sorted((path / "checkpoints").glob(f"{PREFIX}*"))
@@ -351,7 +360,7 @@ def finished_supervised_checkpoint(path: Path, cfg: ExperimentConfig) -> tuple[P
     else:
         raise FileNotFoundError(f"learner.supervised_checkpoint: no finished supervised stage under {path} (a run "
                                 "folder whose supervised epochs and hand-over evaluation completed, or that checkpoint)")
-    saved, current = state["config"], cfg.model_dump(mode="json")
+    saved, current = completed_config(state["config"]), cfg.model_dump(mode="json")
     for key in SUPERVISED_KEYS:
         old, new = saved, current
         for part in key.split("."):
