@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -147,9 +148,11 @@ def test_sample_writes_pngs_and_a_contact_sheet_and_refuses_bad_input(tmp_path):
     assert (samples / "reports.txt").read_text().startswith("000\tSmall left pleural effusion.")
     again = runner.invoke(app, ["sample", str(run), "--report", "Small left pleural effusion.", "--out",
                                 str(tmp_path / "again")])
-    assert again.exit_code == 0  # seeded: the same image again
-    assert (Image.open(tmp_path / "again" / "000_policy.png").tobytes()
-            == Image.open(samples / "000_policy.png").tobytes())
+    assert again.exit_code == 0  # seeded: the same image again (alone in its batch this time, and CPU kernels
+    # may round differently by batch size: at most one grey level apart)
+    alone, batched = (np.asarray(Image.open(p), dtype=np.int16) for p in (tmp_path / "again" / "000_policy.png",
+                                                                          samples / "000_policy.png"))
+    assert np.abs(alone - batched).max() <= 1 and (alone != batched).mean() < 0.01
     by_id = runner.invoke(app, ["sample", str(run), "--held-out-id", "1", "--out", str(tmp_path / "by_id")])
     assert by_id.exit_code == 0, by_id.output
     from radrl.data.pairs import image_report_pairs
