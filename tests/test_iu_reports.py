@@ -125,3 +125,24 @@ def test_held_out_report_texts_never_occur_in_training():
     pairs = image_report_pairs(DataConfig(), "test", limit=40)
     assert len(pairs) == 40 and not any(normalized_text(r) in train for r in pairs.reports)
     assert normalized_text("  Lungs  CLEAR.\n") == "lungs clear."
+
+
+@needs_iu
+def test_validation_pairs_share_no_text_with_training():
+    """learner.supervised_validation carves whole texts out of training: none of them (normalised) is trained on."""
+    from radrl.config import DataConfig
+    from radrl.data.iu_reports import normalized_text
+    from radrl.data.pairs import image_report_pairs, validation_split
+
+    pairs = image_report_pairs(DataConfig(), "train", limit=300)
+    training, validation = validation_split(pairs, 40)
+    assert len(training) + len(validation) == len(pairs) and len(validation) >= 40
+    seen = {normalized_text(r) for r in training.reports}
+    assert not any(normalized_text(r) in seen for r in validation.reports)
+    repeated = Counter(normalized_text(r) for r in pairs.reports).most_common(1)[0][1]
+    assert repeated > 1  # some text recurs in the draw, so splitting by pair would have leaked
+    again = validation_split(pairs, 40)[1]
+    assert again.reports == validation.reports and (again.images == validation.images).all()  # seeded
+    assert validation_split(pairs, 0) == (pairs, None)
+    with pytest.raises(ValueError, match="supervised_validation"):
+        validation_split(pairs, len(pairs) + 1)

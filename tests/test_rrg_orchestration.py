@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from radrl.config import load_config
@@ -98,3 +99,33 @@ def test_two_rrg_iterations_on_local_ray_with_two_workers(tmp_path):
         assert get(roles.learner.publish.remote()).version == 2
     finally:
         roles.cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_validation_pairs_choose_the_supervised_epoch(tmp_path):
+    """learner.supervised_validation: CE F1 on held-back training texts per epoch; the hand-over keeps the best
+    epoch's weights, not the last one's."""
+    from radrl.checkpoints import load_checkpoint
+
+    cfg = small_config(tmp_path, **{"data.n_train": 24, "learner.supervised_validation": 6,
+                                    "learner.supervised_epochs": 2, "learner.iterations": 0})
+    roles = start_roles(cfg)
+    try:
+        trainer = RRGTrainer(cfg, roles)
+        assert len(trainer.validation) >= 6 and len(trainer.train) + len(trainer.validation) == 24
+        trainer.advance(), trainer.advance()  # two supervised epochs, each scored on the validation pairs
+        assert len(trainer.selection) == 2 and all(0 <= f <= 1 for f in trainer.selection)
+        trainer.selection = [1.0, 0.0]  # as if epoch 1 had scored best
+        trainer.advance()  # hand-over: epoch 1's weights, then the held-out evaluation and its checkpoint
+        assert trainer.best_epoch() == 1
+    finally:
+        roles.cluster.shutdown()
+    folder = tmp_path / "checkpoints"
+    kept, first, last = (load_checkpoint(folder / f"iter_{k:06d}")[0] for k in (3, 1, 2))
+    names = [k for k in first if k.startswith("supervised/")]
+    assert names and all(torch.equal(kept[k], first[k]) for k in names)
+    assert not all(torch.equal(kept[k], last[k]) for k in names)
+    state = json.loads((folder / "iter_000003" / "state.json").read_text())
+    assert state["selection"] == [1.0, 0.0]
+    supervised = [json.loads(line) for line in (tmp_path / "supervised" / "metrics.jsonl").read_text().splitlines()]
+    assert all("supervised/validation_ce_f1" in row for row in supervised)

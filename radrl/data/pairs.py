@@ -8,7 +8,7 @@ are skipped with a count, never silently replaced.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,6 +54,36 @@ def image_report_pairs(cfg: DataConfig, split: str, limit: int | None = None) ->
         images = render_specs([p.phantom for p in pairs], cfg.image_size)
         return ImageReportSet(images, tuple(p.report for p in pairs), np.stack([p.labels for p in pairs]))
     return _from_records(cfg, split, limit)
+
+
+def validation_split(pairs: ImageReportSet, size: int, seed: int = 0) -> tuple[ImageReportSet, ImageReportSet | None]:
+    """(training, validation): whole report texts (normalised) drawn in a seeded order until the validation pairs
+    number at least `size`, so no validation text occurs in training. size 0 → (pairs, None).
+
+    Texts are drawn alike, not pairs: a normal text that recurs 40 times is one draw, so the validation pairs hold
+    a larger share of reports with findings than training does.
+    """
+    if size == 0:
+        return pairs, None
+    from radrl.data.iu_reports import normalized_text
+
+    texts = [normalized_text(r) for r in pairs.reports]
+    distinct = sorted(set(texts))
+    counts = {t: 0 for t in distinct}
+    for t in texts:
+        counts[t] += 1
+    chosen, total = set(), 0
+    for k in np.random.default_rng(seed).permutation(len(distinct)):
+        if total >= size:
+            break
+        chosen.add(distinct[k])
+        total += counts[distinct[k]]
+    held = np.array([t in chosen for t in texts])
+    if held.all() or not held.any():
+        raise ValueError(f"learner.supervised_validation={size}: the {len(pairs)} training pairs ({len(distinct)} "
+                         "distinct texts) cannot be split into training and validation; lower it, or 0 to turn it off")
+    training = pairs.take(np.flatnonzero(~held))
+    return replace(training, skipped=pairs.skipped), pairs.take(np.flatnonzero(held))
 
 
 def _draw(n: int, limit: int | None) -> list[int]:

@@ -22,11 +22,11 @@ from radrl.config import ExperimentConfig
 from radrl.data.embedded import stable_seed
 from radrl.data.labeler import label_reports
 from radrl.data.observations import Label
-from radrl.data.pairs import image_report_pairs
+from radrl.data.pairs import image_report_pairs, validation_split
 from radrl.data.report_pool import iteration_reports
 from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
-from radrl.eval.text_metrics import (ce_baselines, ce_f1_changes, ce_per_observation, nlg_and_ce,
+from radrl.eval.text_metrics import (ce_baselines, ce_f1_changes, ce_per_observation, clinical_efficacy, nlg_and_ce,
                                     per_observation_scores)
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.driver import (FaultLog, RunFailed, StageTimer, broadcast_weights, check_staleness,
@@ -53,12 +53,14 @@ class RRGTrainer:
         self.run_dir = Path(cfg.logging.run_dir)
         self.reward_name = cfg.rewards.rrg_reward
         self.reward_actors = roles.rewards[self.reward_name]
-        self.train = image_report_pairs(cfg.data, "train", cfg.data.n_train)
+        self.train, self.validation = validation_split(image_report_pairs(cfg.data, "train", cfg.data.n_train),
+                                                       cfg.learner.supervised_validation)
         self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
         self.train_ref = self.put(self.train)  # one copy in the object store for the learner's supervised epochs
         self.per_iteration = cfg.rollout.trajectories_per_iteration
         self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
         self.supervised_evaluation = None
+        self.selection: list[float] = []  # per supervised epoch: CE F1 on the validation pairs (if any)
         self.weight_version = -1
         if resume:
             self.restore()
@@ -82,6 +84,10 @@ class RRGTrainer:
         texts = self.get(learner.greedy.remote(self.eval_set.images))
         self.epochs_done += 1
         scalars = {f"supervised/train_{k}": v for k, v in train.items()}
+        if self.validation is not None:  # what chooses the epoch: never the held-out test images
+            chosen = self.get(learner.greedy.remote(self.validation.images))
+            self.selection.append(clinical_efficacy(chosen, list(self.validation.reports))["ce_f1"])
+            scalars["supervised/validation_ce_f1"] = self.selection[-1]
         scalars.update({f"supervised/val_{k}": v for k, v in validation.items()})
         scalars.update({f"supervised/{k}": v for k, v in nlg_and_ce(texts, list(self.eval_set.reports)).items()})
         scalars["timing/epoch"] = time.perf_counter() - start
@@ -129,6 +135,7 @@ class RRGTrainer:
             return
         self.stage = "hand-over"
         if self.weight_version < 0:
+            self.keep_best_epoch()
             self.start_rl()
         if self.supervised_evaluation is None:
             self.supervised_evaluation = self.evaluate()
@@ -177,6 +184,8 @@ class RRGTrainer:
         if self.last_checkpoint != (self.epochs_done, self.iteration):
             self.checkpoint()
         results = {"task": "rrg", "iterations": self.iteration, "supervised_epochs": self.epochs_done,
+                   "supervised_epoch_kept": self.best_epoch() or self.epochs_done,
+                   "validation_ce_f1": self.selection,
                    "weight_version": self.weight_version, "reward": self.reward_name,
                    "backends": self.get(self.reward_actors[0].backend_names.remote()),
                    "supervised": self.supervised_evaluation, "cqrl": end,
@@ -186,6 +195,22 @@ class RRGTrainer:
         return results
 
     # ------------------------------------------------------------------ stages
+
+    def best_epoch(self) -> int | None:
+        """The supervised epoch (1-based) with the best validation CE F1, the earliest of ties; None without
+        validation pairs."""
+        return int(np.argmax(self.selection)) + 1 if self.selection else None
+
+    def keep_best_epoch(self) -> None:
+        """With validation pairs, the stage ends with its best epoch's weights (its checkpoint is kept for this)."""
+        best = self.best_epoch()
+        if best is None or best == self.epochs_done:
+            return
+        tensors, _ = load_checkpoint(self.run_dir / "checkpoints" / f"{PREFIX}{best:06d}")
+        self.get(self.roles.learner.load_supervised.remote(
+            {k.removeprefix("supervised/"): v for k, v in tensors.items() if k.startswith("supervised/")}))
+        log.info("supervised stage: epoch %d of %d kept (validation CE F1 %.3f; last epoch %.3f)", best,
+                 self.epochs_done, self.selection[best - 1], self.selection[-1])
 
     def start_rl(self) -> None:
         """Hand-over: the learner merges the supervised weights and starts its RL LoRA; every worker gets both."""
@@ -284,12 +309,14 @@ class RRGTrainer:
         tensors, learner_state = self.get(self.roles.learner.state.remote())
         state = {"epochs_done": self.epochs_done, "iteration": self.iteration, "weight_version": self.weight_version,
                  "learner": learner_state, "supervised_evaluation": self.supervised_evaluation,
+                 "selection": self.selection,
                  "config": self.cfg.model_dump(mode="json")}
         # folders are numbered by steps done: supervised epochs, the hand-over evaluation, then iterations
         step = self.epochs_done + (self.supervised_evaluation is not None) + self.iteration
         handover = self.cfg.learner.supervised_epochs + 1  # the supervised stage's result: other runs start from it
+        best = self.best_epoch()  # the validation's best epoch: the hand-over may load it
         folder = save_checkpoint(self.run_dir, step, tensors, state, keep=self.cfg.logging.keep_checkpoints,
-                                 protect=(handover,))
+                                 protect=(handover,) if best is None else (handover, best))
         self.last_checkpoint = (self.epochs_done, self.iteration)
         return folder
 
@@ -297,6 +324,7 @@ class RRGTrainer:
         folder, state = restore_learner(self.run_dir, self.cfg, self.roles, self.get)
         self.epochs_done, self.iteration = state["epochs_done"], state["iteration"]
         self.supervised_evaluation = state["supervised_evaluation"]
+        self.selection = state.get("selection", [])
         self.last_checkpoint = (self.epochs_done, self.iteration)
         if state["learner"]["stage"] == "rl":
             self.send_supervised()
@@ -338,7 +366,7 @@ class RRGTrainer:
 
 # What the supervised stage's result depends on: a CQRL run may start from another run's only if these match.
 SUPERVISED_KEYS = ("seed", "data", "models", "learner.supervised_epochs", "learner.supervised_lr",
-                   "learner.supervised_batch_size")
+                   "learner.supervised_batch_size", "learner.supervised_validation")
 
 
 def completed_config(saved: dict) -> dict:
@@ -387,7 +415,9 @@ def format_epoch(epoch: int, total: int, scalars: dict) -> str:
             f"image reliance {scalars['supervised/val_reliance_gap']:+.4f} "
             f"± {scalars['supervised/val_reliance_gap_se']:.4f}  "
             f"BLEU-4 {scalars['supervised/bleu4']:.3f}  CE F1 {scalars['supervised/ce_f1']:.3f}  "
-            f"{scalars['timing/epoch']:.0f} s")
+            + (f"validation CE F1 {scalars['supervised/validation_ce_f1']:.3f}  "
+               if "supervised/validation_ce_f1" in scalars else "")
+            + f"{scalars['timing/epoch']:.0f} s")
 
 
 def format_progress(iteration: int, total: int, scalars: dict, reward_name: str) -> str:
