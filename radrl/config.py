@@ -219,10 +219,14 @@ class RewardsConfig(Section):
     anchor_reference: Literal["paired", "report_mean"] = Field(
         "paired", description="RLCF: compare each policy image with its paired anchor image (same x_T), or with the "
                               "mean score of the anchor's images of the same report (less noise, fewer anchor images)")
-    diag_metric: Literal["accuracy", "balanced"] = Field(
-        "accuracy", description="r_diag per image: accuracy over the scored classes (the paper), or balanced: the "
+    diag_metric: Literal["accuracy", "balanced", "prevalence_weighted"] = Field(
+        "accuracy", description="r_diag per image: accuracy over the scored classes (the paper); balanced: the "
                                 "mean of sensitivity over its positive classes and specificity over its negative ones "
-                                "(IU reports are mostly normal: accuracy pays most for reading classes negative)")
+                                "(IU reports are mostly normal: accuracy pays most for reading classes negative); "
+                                "prevalence_weighted: the calibrated probability of each label, a positive weighted "
+                                "1/(2·its class's training share), a negative 1/(2·(1 − share)), so a shift of a "
+                                "class's probability on every image does not pay (use with learner.per_prompt_stats "
+                                "false)")
     replicas: int = Field(1, ge=1, description="actors per reward model")
     radcliq_version: Literal["v0", "v1"] = "v1"
     rrg_reward: Literal["radcliq", "bleu4"] = Field(

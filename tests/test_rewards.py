@@ -64,6 +64,49 @@ def test_balanced_diagnostic_accuracy_by_hand():
     assert np.allclose(diagnostic_accuracy(probabilities, targets), [0.5, 0.8, 0.6])
 
 
+def test_prevalence_weighted_diagnostic_score_by_hand():
+    """One class in 1 of 4 training reports: a positive weighs 1/(2·¼) = 2, a negative 1/(2·¾) = ⅔; an image's score
+    is the sum over its scored classes of weight × probability of its label, over the number of classes."""
+    from radrl.reward_actors.rewards import diagnostic_prevalence_weighted, label_prevalence
+
+    training = np.array([[1, 0], [0, 0], [0, 1], [0, np.nan]])
+    prevalence = label_prevalence(training)  # class 0: 1/4; class 1: 1 of 3 scored
+    assert np.allclose(prevalence, [0.25, 1 / 3])
+    probabilities = np.array([[0.8, 0.3], [0.8, 0.3], [0.2, 0.6]])
+    targets = np.array([[1, 0], [0, np.nan], [0, 1]])
+    expected = [(2 * 0.8 + 0.75 * 0.7) / 2,  # positive 0.8 × 2, negative (1 − 0.3) × 1/(2·⅔)
+                (2 / 3) * 0.2 / 2,  # negative (1 − 0.8) × ⅔, class 1 not scored
+                ((2 / 3) * 0.8 + 1.5 * 0.6) / 2]
+    assert np.allclose(diagnostic_prevalence_weighted(probabilities, targets, prevalence), expected)
+    from radrl.learner.draft import prevalence_weighted_torch  # DRaFT's differentiable copy
+
+    assert np.allclose(prevalence_weighted_torch(torch.tensor(probabilities), targets, prevalence).numpy(), expected)
+
+
+def test_prevalence_weighted_score_does_not_pay_for_shifting_a_class_everywhere():
+    """Over the training reports, lowering (or raising) one class's probability by the same amount on every image
+    leaves the mean score as it was, where accuracy-like rewards pay for reading everything negative; separating
+    positives from negatives raises it."""
+    from radrl.config import DataConfig
+    from radrl.data.report_pool import report_pool
+    from radrl.reward_actors.rewards import diagnostic_prevalence_weighted, label_prevalence, report_targets
+
+    pool = report_pool(DataConfig(), "train")
+    reward = DiagnosisReward(ModelsConfig(), metric="prevalence_weighted", training_reports=pool)
+    targets = report_targets(pool, reward.class_names)
+    assert np.allclose(reward.prevalence, label_prevalence(targets))
+    assert 0.02 < reward.prevalence[reward.class_names.index("Pleural Effusion")] < 0.08
+    base = np.full(targets.shape, 0.5)
+    for shift in (-0.3, 0.2):
+        shifted = diagnostic_prevalence_weighted(base + shift, targets, reward.prevalence).mean()
+        assert shifted == pytest.approx(diagnostic_prevalence_weighted(base, targets, reward.prevalence).mean(),
+                                        abs=1e-9)
+    assert diagnostic_accuracy(base - 0.3, targets).mean() > diagnostic_accuracy(base + 0.2, targets).mean()
+    separated = np.where(targets == 1, 0.6, 0.4)
+    assert (diagnostic_prevalence_weighted(separated, targets, reward.prevalence).mean()
+            > diagnostic_prevalence_weighted(base, targets, reward.prevalence).mean() + 0.05)
+
+
 def test_diagnosis_reward_prefers_the_images_that_show_the_reported_findings():
     """16 phantom seeds, each with and without the report's two findings. At the shipped operating points
     (Youden's J) the classifier decides the two reported classes right on nearly every image, and the images

@@ -592,7 +592,8 @@ def format_results_table(results: dict) -> str:
     lines = ["| held-out (direct scores) | anchor | policy, start | policy, end | end: policy − anchor (± s.e.) |",
              "|---|---|---|---|---|"]
     start, end = results["start"], results["end"]
-    diag = "diagnostic balanced accuracy" if results.get("diag_metric") == "balanced" else "diagnostic accuracy"
+    diag = {"balanced": "diagnostic balanced accuracy", "prevalence_weighted": "diagnostic score, prevalence-weighted"
+            }.get(results.get("diag_metric"), "diagnostic accuracy")
     labels = {"align": "r_align", "diag": diag, "consist": "CLIP cosine",
               "total": "total (λ-weighted)"}
     for key, label in labels.items():

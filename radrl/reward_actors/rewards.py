@@ -96,6 +96,35 @@ def diagnostic_balanced_accuracy(probabilities: np.ndarray, targets: np.ndarray)
     return np.where(counted > 0, np.nansum(both, axis=0) / np.maximum(counted, 1), 0.0)
 
 
+def label_prevalence(targets: np.ndarray) -> np.ndarray:
+    """Each class's share of positives among the scored targets [N, C] (NaN: not scored) → [C], kept inside
+    [1/N, 1 − 1/N] so that a class with no positive (or no negative) in the pool keeps a finite weight."""
+    scored = (~np.isnan(targets)).sum(axis=0)
+    share = np.nansum(targets, axis=0) / np.maximum(scored, 1)
+    floor = 1.0 / max(len(targets), 1)
+    return np.clip(share, floor, 1 - floor)
+
+
+def diagnostic_prevalence_weighted(probabilities: np.ndarray, targets: np.ndarray,
+                                   prevalence: np.ndarray) -> np.ndarray:
+    """Per image, the sum over its scored classes, divided by the number of classes, of the calibrated probability of the report's label (p for a
+    positive, 1 − p for a negative), weighted by 1 / (2π_c) for a positive and 1 / (2(1 − π_c)) for a negative,
+    π_c the class's positive share among the training reports [C]. [B, C] → [B].
+
+    Over the training reports each class's positives and negatives then weigh ½ each, so raising or lowering one
+    class's probability by the same amount on every image leaves the expected reward unchanged: only separating
+    the images with a finding from those without it (what AUROC measures) pays. (Dividing by the scored classes
+    instead would weigh the classes of an image with an uncertain label more and break that balance.) Accuracy, and the per-image
+    balanced form, pay for lowering every probability when most reports are normal. The balance holds over the
+    batch, not within one report's images: use it with batch-wide advantages (learner.per_prompt_stats: false).
+    """
+    scored = ~np.isnan(targets)
+    positive = (targets == 1) & scored
+    weights = np.where(positive, 0.5 / prevalence, 0.5 / (1 - prevalence))
+    agreement = np.where(positive, probabilities, 1 - probabilities)
+    return np.where(scored, weights * agreement, 0.0).sum(axis=1) / targets.shape[1]
+
+
 class DiagnosisReward:
     """Diagnostic accuracy of the frozen torchxrayvision classifier G against the report's labels.
 
@@ -105,10 +134,10 @@ class DiagnosisReward:
 
     name = "diag"
 
-    def __init__(self, models: ModelsConfig, device: str = "cpu", metric: str = "accuracy"):
+    def __init__(self, models: ModelsConfig, device: str = "cpu", metric: str = "accuracy",
+                 training_reports: list[str] | None = None):
         self.model = build_classifier(models.classifier).to(device).eval()
         self.device = device
-        self.metric = {"accuracy": diagnostic_accuracy, "balanced": diagnostic_balanced_accuracy}[metric]
         names = self.model.chexpert_names()
         calibrated = self.model.calibrated_targets()
         self.columns = [i for i, target in enumerate(self.model.targets)
@@ -117,6 +146,14 @@ class DiagnosisReward:
         if not self.columns:
             raise ValueError(f"models.classifier: none of its targets {self.model.targets} is one of CXRL's classes "
                              f"{PAPER_CLASSES} with an operating point; use a torchxrayvision model trained on those")
+        if metric == "prevalence_weighted":
+            if not training_reports:
+                raise ValueError("rewards.diag_metric 'prevalence_weighted' weighs each class by its share among the "
+                                 "training reports: give the reward those reports")
+            self.prevalence = label_prevalence(report_targets(list(training_reports), self.class_names))
+            self.metric = lambda p, t: diagnostic_prevalence_weighted(p, t, self.prevalence)
+        else:
+            self.metric = {"accuracy": diagnostic_accuracy, "balanced": diagnostic_balanced_accuracy}[metric]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, reports: list[str], metadata: dict | None = None):
@@ -150,10 +187,12 @@ class ConsistencyReward:
 REWARDS = {cls.name: cls for cls in (PostureReward, DiagnosisReward, ConsistencyReward)}
 
 
-def build_reward(name: str, models: ModelsConfig, device: str = "cpu", diag_metric: str = "accuracy"):
-    """The reward model called `name` ('align', 'diag' or 'consist'); `diag_metric`: rewards.diag_metric."""
+def build_reward(name: str, models: ModelsConfig, device: str = "cpu", diag_metric: str = "accuracy",
+                 training_reports: list[str] | None = None):
+    """The reward model called `name` ('align', 'diag' or 'consist'); `diag_metric`: rewards.diag_metric (its
+    'prevalence_weighted' form reads the class shares of `training_reports`)."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
     if name == "diag":
-        return DiagnosisReward(models, device, diag_metric)
+        return DiagnosisReward(models, device, diag_metric, training_reports)
     return REWARDS[name](models, device)

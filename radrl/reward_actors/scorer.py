@@ -32,7 +32,13 @@ class RewardScorer:
 
     def __init__(self, cfg: ExperimentConfig, name: str):
         self.name = name
-        self.reward = build_reward(name, cfg.models, device_for(cfg.rewards.resources.num_gpus), cfg.rewards.diag_metric)
+        training = None
+        if name == "diag" and cfg.rewards.diag_metric == "prevalence_weighted":
+            from radrl.data.report_pool import report_pool
+
+            training = report_pool(cfg.data, "train")
+        self.reward = build_reward(name, cfg.models, device_for(cfg.rewards.resources.num_gpus), cfg.rewards.diag_metric,
+                                   training)
 
     def score(self, rollout: RolloutImages) -> ScoredRollout:
         """Scores of rollout.policy_images (and anchor_images) for rollout.reports."""
