@@ -314,9 +314,10 @@ class LearnerConfig(Section):
                                       "max(1, sqrt(t / f)) times per epoch in expectation; None = each pair once")
     supervised_validation: int = Field(
         0, ge=0, description="rrg: about this many training pairs held back, whole report texts at a time (no "
-                             "validation text, normalised, stays in training), to choose the supervised epoch: the "
-                             "one whose greedy reports score the best example-based CE F1 there ends the stage; "
-                             "0 = the last epoch, every training pair trained on")
+                             "validation text, normalised, stays in training; the same texts for every seed, and "
+                             "out of both stages), to choose the supervised epoch: the one whose greedy reports "
+                             "score the best example-based CE F1 there ends the stage; 0 = the last epoch, every "
+                             "training pair trained on")
     supervised_checkpoint: Path | None = Field(
         None, description="rrg: skip the supervised stage and start CQRL from this finished supervised run "
                           "(its run folder or one checkpoint folder); e.g. several CQRL variants from one model")

@@ -58,10 +58,9 @@ def image_report_pairs(cfg: DataConfig, split: str, limit: int | None = None) ->
 
 def validation_split(pairs: ImageReportSet, size: int, seed: int = 0) -> tuple[ImageReportSet, ImageReportSet | None]:
     """(training, validation): whole report texts (normalised) drawn in a seeded order until the validation pairs
-    number at least `size`, so no validation text occurs in training. size 0 → (pairs, None).
-
-    Texts are drawn alike, not pairs: a normal text that recurs 40 times is one draw, so the validation pairs hold
-    a larger share of reports with findings than training does.
+    number at least `size`, so no validation text occurs in training (a normal text that recurs 40 times goes to
+    one side with all its pairs). size 0 → (pairs, None). The trainer draws with seed 0: the same texts are held
+    back for every training seed.
     """
     if size == 0:
         return pairs, None

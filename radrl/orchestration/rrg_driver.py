@@ -76,11 +76,12 @@ class RRGTrainer:
     # ------------------------------------------------------------------ the loop
 
     def supervised_epoch(self) -> dict[str, float]:
-        """One supervised epoch on the learner, then validation loss and NLG metrics on held-out images."""
+        """One supervised epoch on the learner, then losses and NLG metrics on the held-out test images (logged as
+        supervised/val_*, never used to choose), and CE F1 on the held-back training pairs (what chooses the epoch)."""
         start = time.perf_counter()
         learner = self.roles.learner
         train = self.get(learner.supervised_epoch.remote(self.train_ref, self.epochs_done))
-        validation = self.get(learner.validation_loss.remote(self.eval_set))
+        held_out = self.get(learner.validation_loss.remote(self.eval_set))
         texts = self.get(learner.greedy.remote(self.eval_set.images))
         self.epochs_done += 1
         scalars = {f"supervised/train_{k}": v for k, v in train.items()}
@@ -88,7 +89,7 @@ class RRGTrainer:
             chosen = self.get(learner.greedy.remote(self.validation.images))
             self.selection.append(clinical_efficacy(chosen, list(self.validation.reports))["ce_f1"])
             scalars["supervised/validation_ce_f1"] = self.selection[-1]
-        scalars.update({f"supervised/val_{k}": v for k, v in validation.items()})
+        scalars.update({f"supervised/val_{k}": v for k, v in held_out.items()})
         scalars.update({f"supervised/{k}": v for k, v in nlg_and_ce(texts, list(self.eval_set.reports)).items()})
         scalars["timing/epoch"] = time.perf_counter() - start
         return scalars
@@ -162,7 +163,7 @@ class RRGTrainer:
             self.restore()
         else:
             self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
-            self.supervised_evaluation, self.weight_version = None, -1
+            self.supervised_evaluation, self.weight_version, self.selection = None, -1, []
         self.tracker.rollback(self.iteration)
         self.supervised_tracker.rollback(self.epochs_done)
         self.faults.learner_recovered(self.iteration, failed_at - self.epochs_done - self.iteration)
@@ -202,9 +203,10 @@ class RRGTrainer:
         return int(np.argmax(self.selection)) + 1 if self.selection else None
 
     def keep_best_epoch(self) -> None:
-        """With validation pairs, the stage ends with its best epoch's weights (its checkpoint is kept for this)."""
+        """With validation pairs, the stage ends with its best epoch's weights (its checkpoint is kept for this). A
+        supervised stage taken from another run (learner.supervised_checkpoint) arrives already chosen."""
         best = self.best_epoch()
-        if best is None or best == self.epochs_done:
+        if best is None or best == self.epochs_done or self.cfg.learner.supervised_checkpoint is not None:
             return
         tensors, _ = load_checkpoint(self.run_dir / "checkpoints" / f"{PREFIX}{best:06d}")
         self.get(self.roles.learner.load_supervised.remote(
@@ -340,6 +342,7 @@ class RRGTrainer:
         self.epochs_done = self.cfg.learner.supervised_epochs
         same_eval = state["config"]["logging"]["eval_reports"] == self.cfg.logging.eval_reports
         self.supervised_evaluation = state["supervised_evaluation"] if same_eval else None
+        self.selection = state.get("selection", [])  # that run's validation scores: which epoch it kept
         log.info("supervised stage taken from %s (%d epochs)", folder, self.epochs_done)
 
     def failure_message(self, error: Exception, stage: str) -> str:

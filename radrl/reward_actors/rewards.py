@@ -98,25 +98,27 @@ def diagnostic_balanced_accuracy(probabilities: np.ndarray, targets: np.ndarray)
 
 def label_prevalence(targets: np.ndarray) -> np.ndarray:
     """Each class's share of positives among the scored targets [N, C] (NaN: not scored) → [C], kept inside
-    [1/N, 1 − 1/N] so that a class with no positive (or no negative) in the pool keeps a finite weight."""
+    [1/(2N), 1 − 1/(2N)] so that a class with no positive (or no negative) in the pool keeps a finite weight."""
     scored = (~np.isnan(targets)).sum(axis=0)
     share = np.nansum(targets, axis=0) / np.maximum(scored, 1)
-    floor = 1.0 / max(len(targets), 1)
+    floor = 0.5 / max(len(targets), 1)
     return np.clip(share, floor, 1 - floor)
 
 
 def diagnostic_prevalence_weighted(probabilities: np.ndarray, targets: np.ndarray,
                                    prevalence: np.ndarray) -> np.ndarray:
-    """Per image, the sum over its scored classes, divided by the number of classes, of the calibrated probability of the report's label (p for a
+    """Per image, the sum over its scored classes of the calibrated probability of the report's label (p for a
     positive, 1 − p for a negative), weighted by 1 / (2π_c) for a positive and 1 / (2(1 − π_c)) for a negative,
-    π_c the class's positive share among the training reports [C]. [B, C] → [B].
+    divided by the number of classes; π_c is the class's positive share among the training reports [C].
+    [B, C] → [B].
 
     Over the training reports each class's positives and negatives then weigh ½ each, so raising or lowering one
     class's probability by the same amount on every image leaves the expected reward unchanged: only separating
     the images with a finding from those without it (what AUROC measures) pays. (Dividing by the scored classes
-    instead would weigh the classes of an image with an uncertain label more and break that balance.) Accuracy, and the per-image
-    balanced form, pay for lowering every probability when most reports are normal. The balance holds over the
-    batch, not within one report's images: use it with batch-wide advantages (learner.per_prompt_stats: false).
+    instead would weigh the classes of an image with an uncertain label more and break that balance.) Accuracy,
+    and the per-image balanced form, pay for lowering every probability when most reports are normal. The balance
+    holds over the batch, not within one report's images: use it with batch-wide advantages
+    (learner.per_prompt_stats: false).
     """
     scored = ~np.isnan(targets)
     positive = (targets == 1) & scored
@@ -126,7 +128,8 @@ def diagnostic_prevalence_weighted(probabilities: np.ndarray, targets: np.ndarra
 
 
 class DiagnosisReward:
-    """Diagnostic accuracy of the frozen torchxrayvision classifier G against the report's labels.
+    """r_diag: the frozen torchxrayvision classifier G's decisions (or, prevalence_weighted, its calibrated
+    probabilities) against the report's labels, by rewards.diag_metric (accuracy, the paper's, by default).
 
     Scores the paper's 11 classes where the classifier has them and an operating point for them
     (all 11 for the tiny and the densenet121-res224-all models), deciding at each operating point.

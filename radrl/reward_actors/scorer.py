@@ -37,8 +37,8 @@ class RewardScorer:
             from radrl.data.report_pool import report_pool
 
             training = report_pool(cfg.data, "train")
-        self.reward = build_reward(name, cfg.models, device_for(cfg.rewards.resources.num_gpus), cfg.rewards.diag_metric,
-                                   training)
+        device = device_for(cfg.rewards.resources.num_gpus)
+        self.reward = build_reward(name, cfg.models, device, cfg.rewards.diag_metric, training)
 
     def score(self, rollout: RolloutImages) -> ScoredRollout:
         """Scores of rollout.policy_images (and anchor_images) for rollout.reports."""
