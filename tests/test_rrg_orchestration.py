@@ -129,3 +129,9 @@ def test_validation_pairs_choose_the_supervised_epoch(tmp_path):
     assert state["selection"] == [1.0, 0.0]
     supervised = [json.loads(line) for line in (tmp_path / "supervised" / "metrics.jsonl").read_text().splitlines()]
     assert all("supervised/validation_ce_f1" in row for row in supervised)
+    # CQRL from this supervised stage (learner.supervised_checkpoint) reports its choice and does not choose again
+    later = small_config(tmp_path / "cqrl", **{"data.n_train": 24, "learner.supervised_validation": 6,
+                                               "learner.supervised_epochs": 2, "learner.iterations": 1,
+                                               "learner.supervised_checkpoint": str(tmp_path)})
+    _, results = train(later)
+    assert results["supervised_epoch_kept"] == 1 and results["validation_ce_f1"] == [1.0, 0.0]
