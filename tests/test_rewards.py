@@ -78,9 +78,9 @@ def test_prevalence_weighted_diagnostic_score_by_hand():
                 (2 / 3) * 0.2 / 2,  # negative (1 − 0.8) × ⅔, class 1 not scored
                 ((2 / 3) * 0.8 + 1.5 * 0.6) / 2]
     assert np.allclose(diagnostic_prevalence_weighted(probabilities, targets, prevalence), expected)
-    from radrl.learner.draft import prevalence_weighted_torch  # DRaFT's differentiable copy
+    from radrl.reward_actors.rewards import prevalence_weighted_score  # the tensor form DRaFT differentiates
 
-    assert np.allclose(prevalence_weighted_torch(torch.tensor(probabilities), targets, prevalence).numpy(), expected)
+    assert np.allclose(prevalence_weighted_score(torch.tensor(probabilities), targets, prevalence).numpy(), expected)
 
 
 def test_prevalence_weighted_score_does_not_pay_for_shifting_a_class_everywhere():

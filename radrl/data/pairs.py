@@ -8,6 +8,7 @@ are skipped with a count, never silently replaced.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -67,10 +68,8 @@ def validation_split(pairs: ImageReportSet, size: int, seed: int = 0) -> tuple[I
     from radrl.data.iu_reports import normalized_text
 
     texts = [normalized_text(r) for r in pairs.reports]
-    distinct = sorted(set(texts))
-    counts = {t: 0 for t in distinct}
-    for t in texts:
-        counts[t] += 1
+    counts = Counter(texts)
+    distinct = sorted(counts)
     chosen, total = set(), 0
     for k in np.random.default_rng(seed).permutation(len(distinct)):
         if total >= size:

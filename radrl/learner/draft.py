@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from radrl.config import ExperimentConfig
-from radrl.data.report_pool import report_pool
 from radrl.models.posture import r_align
-from radrl.reward_actors.rewards import build_reward, report_targets
+from radrl.reward_actors.rewards import build_reward, prevalence_weighted_score, report_targets
 from radrl.reward_actors.rlcf import weights
 
 EPS = 1e-6  # p is clamped to [EPS, 1 − EPS] before the log
@@ -51,16 +50,6 @@ def diagnostic_log_likelihood(probabilities: torch.Tensor, targets: np.ndarray, 
     return (halves * present).sum(dim=0) / present.sum(dim=0).clamp(min=1)
 
 
-def prevalence_weighted_torch(probabilities: torch.Tensor, targets: np.ndarray, prevalence: np.ndarray) -> torch.Tensor:
-    """rewards.diagnostic_prevalence_weighted with gradients to the probabilities [B, C] → [B]."""
-    scored = torch.from_numpy(~np.isnan(targets)).to(probabilities.device)
-    positive = torch.from_numpy(np.nan_to_num(targets) == 1).to(probabilities.device) & scored
-    share = torch.as_tensor(prevalence, dtype=probabilities.dtype, device=probabilities.device)
-    weights = torch.where(positive, 0.5 / share, 0.5 / (1 - share))
-    terms = torch.where(scored, weights * torch.where(positive, probabilities, 1 - probabilities), 0.0)
-    return terms.sum(dim=1) / targets.shape[1]
-
-
 class DifferentiableRewards(nn.Module):
     """The λ-weighted reward of images [B, 1, H, W] in [0, 1] for their reports, with gradients to the images.
 
@@ -69,9 +58,8 @@ class DifferentiableRewards(nn.Module):
     def __init__(self, cfg: ExperimentConfig, device: str = "cpu"):
         super().__init__()
         self.lambdas = weights(cfg.rewards)
-        self.balanced = cfg.rewards.diag_metric == "balanced"
-        training = report_pool(cfg.data, "train") if cfg.rewards.diag_metric == "prevalence_weighted" else None
-        self.scorers = {name: build_reward(name, cfg.models, device, cfg.rewards.diag_metric, training)
+        self.diag_metric = cfg.rewards.diag_metric
+        self.scorers = {name: build_reward(name, cfg.models, device, cfg.rewards.diag_metric, cfg.data)
                         for name in self.lambdas}
         for scorer in self.scorers.values():
             scorer.model.requires_grad_(False)
@@ -87,10 +75,10 @@ class DifferentiableRewards(nn.Module):
             scorer = self.scorers["diag"]
             probabilities = self.models["diag"].probabilities(images)[:, scorer.columns]
             targets = report_targets(list(reports), scorer.class_names)
-            if hasattr(scorer, "prevalence"):  # prevalence_weighted: already differentiable in the probabilities
-                parts["diag"] = prevalence_weighted_torch(probabilities, targets, scorer.prevalence)
+            if self.diag_metric == "prevalence_weighted":  # already differentiable in the probabilities
+                parts["diag"] = prevalence_weighted_score(probabilities, targets, scorer.prevalence)
             else:
-                parts["diag"] = diagnostic_log_likelihood(probabilities, targets, self.balanced)
+                parts["diag"] = diagnostic_log_likelihood(probabilities, targets, self.diag_metric == "balanced")
         if "consist" in self.scorers:
             clip = self.models["consist"]
             with torch.no_grad():  # the report's text features are fixed

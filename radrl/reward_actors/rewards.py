@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from radrl.config import ModelsConfig
+from radrl.config import DataConfig, ModelsConfig
 from radrl.data.labeler import label_reports
 from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
+from radrl.data.report_pool import report_pool
 from radrl.models.classifier import PAPER_CLASSES, build_classifier
 from radrl.models.clip import ImageReportClip, build_clip
 from radrl.models.posture import build_posture, r_align
@@ -120,11 +121,19 @@ def diagnostic_prevalence_weighted(probabilities: np.ndarray, targets: np.ndarra
     holds over the batch, not within one report's images: use it with batch-wide advantages
     (learner.per_prompt_stats: false).
     """
-    scored = ~np.isnan(targets)
-    positive = (targets == 1) & scored
-    weights = np.where(positive, 0.5 / prevalence, 0.5 / (1 - prevalence))
-    agreement = np.where(positive, probabilities, 1 - probabilities)
-    return np.where(scored, weights * agreement, 0.0).sum(axis=1) / targets.shape[1]
+    return prevalence_weighted_score(torch.from_numpy(np.asarray(probabilities, dtype=np.float64)), targets,
+                                     prevalence).numpy()
+
+
+def prevalence_weighted_score(probabilities: torch.Tensor, targets: np.ndarray,
+                              prevalence: np.ndarray) -> torch.Tensor:
+    """diagnostic_prevalence_weighted on a tensor [B, C] → [B], differentiable in the probabilities (DRaFT's r_diag)."""
+    scored = torch.from_numpy(~np.isnan(targets)).to(probabilities.device)
+    positive = torch.from_numpy(np.nan_to_num(targets) == 1).to(probabilities.device) & scored
+    share = torch.as_tensor(prevalence, dtype=probabilities.dtype, device=probabilities.device)
+    weights = torch.where(positive, 0.5 / share, 0.5 / (1 - share))
+    terms = torch.where(scored, weights * torch.where(positive, probabilities, 1 - probabilities), 0.0)
+    return terms.sum(dim=1) / targets.shape[1]
 
 
 class DiagnosisReward:
@@ -191,11 +200,12 @@ REWARDS = {cls.name: cls for cls in (PostureReward, DiagnosisReward, Consistency
 
 
 def build_reward(name: str, models: ModelsConfig, device: str = "cpu", diag_metric: str = "accuracy",
-                 training_reports: list[str] | None = None):
+                 data: DataConfig | None = None):
     """The reward model called `name` ('align', 'diag' or 'consist'); `diag_metric`: rewards.diag_metric (its
-    'prevalence_weighted' form reads the class shares of `training_reports`)."""
+    'prevalence_weighted' form reads the class shares of the training reports of `data`)."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
     if name == "diag":
-        return DiagnosisReward(models, device, diag_metric, training_reports)
+        training = report_pool(data, "train") if diag_metric == "prevalence_weighted" and data is not None else None
+        return DiagnosisReward(models, device, diag_metric, training)
     return REWARDS[name](models, device)

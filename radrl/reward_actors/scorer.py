@@ -32,13 +32,8 @@ class RewardScorer:
 
     def __init__(self, cfg: ExperimentConfig, name: str):
         self.name = name
-        training = None
-        if name == "diag" and cfg.rewards.diag_metric == "prevalence_weighted":
-            from radrl.data.report_pool import report_pool
-
-            training = report_pool(cfg.data, "train")
-        device = device_for(cfg.rewards.resources.num_gpus)
-        self.reward = build_reward(name, cfg.models, device, cfg.rewards.diag_metric, training)
+        self.reward = build_reward(name, cfg.models, device_for(cfg.rewards.resources.num_gpus), cfg.rewards.diag_metric,
+                                   cfg.data)
 
     def score(self, rollout: RolloutImages) -> ScoredRollout:
         """Scores of rollout.policy_images (and anchor_images) for rollout.reports."""
