@@ -135,6 +135,16 @@ class ReportGeneratorConfig(Section):
     decoder_lora_targets: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "out_proj"),
                                                   description="decoder modules that get LoRA (OPT's attention)")
     disease_weight: float = Field(1.0, ge=0, description="λ of L_disease in the supervised loss")
+    counterfactual_weight: float = Field(
+        0.0, ge=0, description="μ of L_counterfactual in the supervised stage (0 = off): each report must be more "
+                               "likely, by counterfactual_margin nats, under its teacher-forced disease prompt than "
+                               "under the same prompt with one observation's state flipped (one of its positive "
+                               "findings to absent, or for a report without one any finding to present); a decoder "
+                               "pass over the flipped prompts doubles the decoder's supervised cost")
+    counterfactual_margin: float = Field(2.0, ge=0, description="m of L_counterfactual, in nats per report")
+    disease_head_input: Literal["regions", "patches"] = Field(
+        "regions", description="what the disease head's linear map reads: the VTrans features [global, regions], "
+                               "flattened, or the frozen CLIP patch grid, flattened (every patch in place)")
     disease_unmentioned: Literal["negative", "ignore"] = Field(
         "negative", description="L_disease target of an observation the report does not mention: negative (what the "
                                 "prompt teacher-forces too), or left out of the loss (then an observation reports "
@@ -147,6 +157,14 @@ class ReportGeneratorConfig(Section):
         "none", description="weight of an observation's positive pairs in L_disease, from the training labels: 1, "
                             "sqrt(n_negative / n_positive), or n_negative / n_positive (a rare finding's head learns "
                             "without repeating its reports to the decoder, as learner.repeat_factor_threshold does)")
+
+    @model_validator(mode="after")
+    def _counterfactual_needs_teacher_forcing(self):
+        if self.counterfactual_weight > 0 and self.disease_prompt != "teacher_forced":
+            raise ValueError("models.report_generator.counterfactual_weight > 0 flips the teacher-forced disease prompt; "
+                             f"it needs disease_prompt 'teacher_forced' (got {self.disease_prompt!r}): set one or the "
+                             "other")
+        return self
 
 
 class ModelsConfig(Section):

@@ -389,3 +389,71 @@ def test_bf16_precision_stores_frozen_weights_in_bf16_trains_fp32_and_matches_fp
     assert log_probs.dtype == torch.float32
     log_probs.sum().backward()
     assert all(p.grad is not None for p in half.rl_parameters())
+
+
+def test_counterfactual_flips_one_of_the_reports_findings_or_any_finding_of_a_normal_report():
+    from radrl.data.observations import Label
+    from radrl.models.report_generator import counterfactual_observations, flipped_labels
+
+    labels = torch.full((3, 14), int(Label.NOT_MENTIONED))
+    labels[0, [0]] = int(Label.POSITIVE)  # No Finding only: a normal report
+    labels[1, [2, 10]] = int(Label.POSITIVE)  # Cardiomegaly and Pleural Effusion
+    labels[1, 0] = int(Label.NEGATIVE)
+    labels[2, 10] = int(Label.UNCERTAIN)  # uncertain is not a finding the report states
+    draws = torch.stack([counterfactual_observations(labels, torch.Generator().manual_seed(s)) for s in range(400)])
+    assert set(draws[:, 1].tolist()) == {2, 10}
+    assert set(draws[:, 0].tolist()) == set(range(1, 14)) and set(draws[:, 2].tolist()) == set(range(1, 14))
+    flipped = flipped_labels(labels, torch.tensor([3, 10, 10]))
+    assert flipped[0, 3] == Label.POSITIVE and flipped[1, 10] == Label.NEGATIVE and flipped[2, 10] == Label.POSITIVE
+    changed = (flipped != labels).sum(dim=1)
+    assert changed.tolist() == [1, 1, 1]  # one observation per row, nothing else
+
+
+def test_counterfactual_loss_is_the_hinge_on_each_reports_likelihood_under_its_prompt_minus_a_flipped_one():
+    """By the definition: per report, gap = Σ_t log p(y_t | prompt with the true labels) − Σ_t log p(y_t | prompt with
+    observation flip[i] written by hand the other way); L_counterfactual = mean max(0, m − gap)."""
+    from radrl.data.observations import Label
+
+    generator = build_report_policy(config(**{"models.report_generator.disease_prompt_form": "words"}),
+                                    "cpu").generator
+    labels = torch.full((4, 14), int(Label.NEGATIVE))
+    labels[1, 10] = int(Label.POSITIVE)
+    flip = torch.tensor([10, 10, 2, 5])
+    by_hand = labels.clone()
+    by_hand[0, 10], by_hand[1, 10], by_hand[2, 2], by_hand[3, 5] = (int(Label.POSITIVE), int(Label.NEGATIVE),
+                                                                    int(Label.POSITIVE), int(Label.POSITIVE))
+    with torch.no_grad():
+        features = generator.visual_features(images())
+        tokens, mask = generator.encode_reports(REPORTS)
+        own = generator.token_log_probs(generator.prompt_embeddings(features, labels), tokens, mask).sum(dim=1)
+        other = generator.token_log_probs(generator.prompt_embeddings(features, by_hand), tokens, mask).sum(dim=1)
+        margin = float((own - other).abs().max()) * 0.5 + 0.1  # some rows inside the hinge, maybe some outside
+        plain = generator.supervised_loss(images(), REPORTS, labels, 1.0)
+        loss, parts = generator.supervised_loss(images(), REPORTS, labels, 1.0, flip=flip, counterfactual_weight=0.3,
+                                                counterfactual_margin=margin)
+    expected = torch.relu(margin - (own - other)).mean()
+    assert parts["counterfactual"] == pytest.approx(float(expected), rel=1e-5)
+    assert parts["counterfactual_gap"] == pytest.approx(float((own - other).mean()), rel=1e-4, abs=1e-6)
+    assert parts["report"] == pytest.approx(plain[1]["report"], rel=1e-6)  # L_report still on the true prompts
+    assert float(loss) == pytest.approx(float(plain[0]) + 0.3 * float(expected), rel=1e-5)
+
+
+def test_counterfactual_loss_needs_a_teacher_forced_prompt():
+    with pytest.raises(ValueError, match="teacher_forced"):
+        config(**{"models.report_generator.counterfactual_weight": 0.1,
+                  "models.report_generator.disease_prompt": "predicted"})
+
+
+def test_patch_disease_head_reads_the_frozen_patch_grid_and_leaves_the_visual_prompts_alone():
+    generator = build_report_policy(config(**{"models.report_generator.disease_head_input": "patches"}),
+                                    "cpu").generator
+    patches = generator.extractor.clip.patch_tokens(images(2)).float()  # [2, N, D]
+    features = generator.visual_features(images(2))
+    assert features.shape == (2, 30 + patches.shape[1], generator.extractor.width)
+    with torch.no_grad():
+        by_hand = patches.flatten(1) @ generator.disease_head.weight.T + generator.disease_head.bias
+        assert torch.allclose(generator.disease_logits(features), by_hand, atol=1e-5)
+        instruction = len(generator.instruction_ids)
+        prompts = generator.prompt_embeddings(features)
+    assert prompts.shape[1] == 30 + 14 + instruction  # [global, 29 regions], disease prompt, instruction
+    assert torch.allclose(prompts[:, :30], generator.project(features[:, :30]))

@@ -17,7 +17,7 @@ from radrl.learner.ddpo import check_update_batch, finite_rows
 from radrl.learner.ppo import adaptive_lambda_kl, group_advantages, ppo_loss
 from radrl.learner.state import load_training_state, training_state
 from radrl.models.diffusion_policy import PublishedWeights
-from radrl.models.report_generator import build_report_policy, disease_pos_weights
+from radrl.models.report_generator import build_report_policy, counterfactual_observations, disease_pos_weights
 from radrl.rollout.report_worker import ReportTrajectory, concat_report_trajectories
 from radrl.rollout.worker import device_for
 
@@ -66,14 +66,18 @@ class ReportLearner:
         pos_weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
         dropout = rg.visual_prompt_dropout
         draws = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(1)[0]))
+        flips = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch, 1]).generate_state(1)[0]))
         totals: dict[str, list[float]] = {"loss": [], "report": [], "disease": [], "grad_norm": []}
+        if rg.counterfactual_weight:
+            totals.update(counterfactual=[], counterfactual_gap=[])
         for start in range(0, len(order), size):
             batch = data.take(order[start:start + size])
             images = torch.from_numpy(batch.images).to(self.device)
             labels = torch.from_numpy(batch.labels).to(self.device)
             drop = (torch.rand(len(batch), generator=draws) < dropout).to(self.device) if dropout else None
+            flip = counterfactual_observations(labels, flips) if rg.counterfactual_weight else None
             loss, parts = generator.supervised_loss(images, list(batch.reports), labels, rg.disease_weight, pos_weight,
-                                                    drop)
+                                                    drop, flip, rg.counterfactual_weight, rg.counterfactual_margin)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = self._clip_and_step(self.policy.supervised_parameters(), "supervised")

@@ -14,6 +14,9 @@
         enters only as a constant bias, and regions differ little (kept for the paper's form).
     global = mean of F_I;  [global, regions]                                 [B, 1 + K, D]
     VTrans (3 layers, width D) → projection to the decoder's width          [B, 1 + K, H]
+    disease head (models.report_generator.disease_head_input): 14 logits from a linear map of
+        regions  the VTrans features, flattened                             [B, (1 + K)·D]
+        patches  the frozen patch grid F_I, flattened (every patch in place) [B, N·D]
     disease prompt (models.report_generator.disease_prompt): for each CheXpert observation c,
         p_c = σ(disease head) and the token p_c·e⁺_c + (1 − p_c)·e⁻_c             [B, 14, H]
         teacher_forced: training puts the reference's labels in p_c, generation the head's decision at an
@@ -135,7 +138,7 @@ class VisualExtractor(nn.Module):
         self.region_grid, self.region_attention = region_grid, region_attention
         self.clip = clip.requires_grad_(False).eval()
         with torch.no_grad():  # the width of the patch features, and the region prompts (encoded once: they never change)
-            width = clip.patch_tokens(torch.zeros(1, 1, clip.image_size, clip.image_size)).shape[-1]
+            count, width = clip.patch_tokens(torch.zeros(1, 1, clip.image_size, clip.image_size)).shape[1:]
             text = clip.encode_reports([REGION_PROMPTS[r] for r in REGIONS[:num_regions]])
         self.register_buffer("region_text", text, persistent=False)  # [K, E]
         heads = max(1, width // 64)
@@ -144,7 +147,7 @@ class VisualExtractor(nn.Module):
         else:
             self.region_in = nn.Linear(text.shape[-1], width)  # region prompt → its query token
             self.blocks = nn.ModuleList(RegionQueryBlock(width, heads) for _ in range(num_blocks))
-        self.width, self.num_regions = width, num_regions
+        self.width, self.num_regions, self.num_patches = width, num_regions, count
 
     def _pooled(self, patches: torch.Tensor) -> torch.Tensor:
         if self.region_grid:  # average-pool the patch grid first (the paper's form costs K × a ViT pass)
@@ -157,13 +160,17 @@ class VisualExtractor(nn.Module):
         """[B, 1, H, W] in [0, 1] → [B, 1 + K, D]."""
         return self.features_and_attention(images, with_attention=False)[0]
 
-    def features_and_attention(self, images: torch.Tensor, with_attention: bool = True
-                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen CLIP's patch tokens F_I [B, N, D], fp32 whatever the CLIP's dtype."""
+        with torch.no_grad():
+            return self.clip.patch_tokens(images).float()
+
+    def features_and_attention(self, images: torch.Tensor, with_attention: bool = True,
+                               patches: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """([B, 1 + K, D] features, region_query with_attention: each region's attention over the patches [B, K, N]
         averaged over heads and blocks; else None, and always None for the paper's form, whose softmax over one
-        key is constant)."""
-        with torch.no_grad():
-            patches = self.clip.patch_tokens(images).float()  # [B, N, D]; fp32 whatever the frozen CLIP's dtype
+        key is constant). `patches`: the images' patch_tokens when the caller has them already."""
+        patches = self.patch_tokens(images) if patches is None else patches  # [B, N, D]
         global_feature = patches.mean(dim=1, keepdim=True)
         patches = self._pooled(patches)
         batch, count, width = patches.shape
@@ -190,7 +197,8 @@ class ReportGenerator(nn.Module):
     def __init__(self, clip: ImageReportClip, decoder: DecoderLM, num_regions: int, region_blocks: int,
                  vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0,
                  region_attention: str = "region_query", disease_prompt: str = "teacher_forced",
-                 disease_unmentioned: str = "negative", disease_prompt_form: str = "tokens"):
+                 disease_unmentioned: str = "negative", disease_prompt_form: str = "tokens",
+                 disease_head_input: str = "regions"):
         super().__init__()
         self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention)
         width = self.extractor.width
@@ -204,7 +212,12 @@ class ReportGenerator(nn.Module):
         self.project = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden))
         nn.init.normal_(self.project[1].weight, std=scale / width ** 0.5)
         nn.init.zeros_(self.project[1].bias)
-        self.disease_head = nn.Linear((1 + num_regions) * width, len(CHEXPERT_OBSERVATIONS))
+        self.visual_prompts = 1 + num_regions  # [global, regions]: the decoder's visual prompt tokens
+        if disease_head_input not in ("regions", "patches"):
+            raise ValueError(f"disease_head_input must be 'regions' or 'patches', got {disease_head_input!r}")
+        self.head_reads_patches = disease_head_input == "patches"
+        head_tokens = self.extractor.num_patches if self.head_reads_patches else self.visual_prompts
+        self.disease_head = nn.Linear(head_tokens * width, len(CHEXPERT_OBSERVATIONS))
         # disease prompt: per observation, a "present" and an "absent" token mixed by the head's probability
         self.disease_prompt, self.disease_unmentioned = disease_prompt, disease_unmentioned
         self.decoder = decoder.model
@@ -274,8 +287,11 @@ class ReportGenerator(nn.Module):
     # ------------------------------------------------------------------ features and prompts
 
     def visual_features(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 1, H, W] → VTrans([global, regions]) [B, 1 + K, D]."""
-        return self.vtrans(self.extractor(images))
+        """[B, 1, H, W] → [B, V, D]: VTrans([global, regions]), the visual prompts' source (V = 1 + K), followed,
+        with disease_head_input 'patches', by the frozen patch tokens the disease head reads (V = 1 + K + N)."""
+        patches = self.extractor.patch_tokens(images)
+        tokens = self.vtrans(self.extractor.features_and_attention(images, False, patches)[0])
+        return torch.cat([tokens, patches], dim=1) if self.head_reads_patches else tokens
 
     @torch.no_grad()
     def frozen_prompts(self, images: torch.Tensor) -> torch.Tensor:
@@ -292,7 +308,7 @@ class ReportGenerator(nn.Module):
         reference's POSITIVE labels stand in for the probabilities: the supervised stage's teacher forcing; without
         labels that mode gives the head's decision at its operating point (1 or 0), the tokens the decoder was taught.
         """
-        parts = [self.project(features)]
+        parts = [self.project(features[:, :self.visual_prompts])]
         if self.disease_prompt != "off":
             if labels is not None and self.disease_prompt == "teacher_forced":
                 p = (labels == Label.POSITIVE).float().unsqueeze(-1)  # [B, 14, 1]
@@ -335,8 +351,9 @@ class ReportGenerator(nn.Module):
         return thresholds
 
     def disease_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, 1 + K, D] → [B, 14] logits of the CheXpert observations."""
-        return self.disease_head(features.flatten(1))
+        """visual_features [B, V, D] → [B, 14] logits of the CheXpert observations."""
+        inputs = features[:, self.visual_prompts:] if self.head_reads_patches else features
+        return self.disease_head(inputs.flatten(1))
 
     @torch.no_grad()
     def disease_decisions(self, images: torch.Tensor) -> torch.Tensor:
@@ -419,17 +436,37 @@ class ReportGenerator(nn.Module):
 
     def supervised_loss(self, images: torch.Tensor, reports: list[str], labels: torch.Tensor,
                         disease_weight: float, pos_weight: torch.Tensor | None = None,
-                        drop_visual: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                        drop_visual: torch.Tensor | None = None, flip: torch.Tensor | None = None,
+                        counterfactual_weight: float = 0.0, counterfactual_margin: float = 0.0
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
         """L = L_report (token cross-entropy) + λ · L_disease (BCE; uncertain / unmentioned labels masked; a
-        positive label's term weighted by pos_weight [14], see disease_pos_weights). Rows where drop_visual (bool
-        [B]) is set see zeros for their visual prompts in L_report (visual_prompt_dropout)."""
+        positive label's term weighted by pos_weight [14], see disease_pos_weights) + μ · L_counterfactual.
+        Rows where drop_visual (bool [B]) is set see zeros for their visual prompts in L_report
+        (visual_prompt_dropout). With `flip` (one observation per row [B], see counterfactual_observations) and
+        μ = counterfactual_weight > 0, each report is also scored under its teacher-forced prompt with that
+        observation's state flipped, and L_counterfactual = mean over rows of max(0, m − (log p(report | prompt) −
+        log p(report | flipped prompt))), m = counterfactual_margin nats per report: the report must be more likely
+        under the findings it states than under a prompt that contradicts one of them."""
         features = self.visual_features(images)
         tokens, mask = self.encode_reports(reports)
         prompts = self.prompt_embeddings(features, labels)
+        counterfactual = flip is not None and counterfactual_weight > 0
+        if counterfactual:  # one decoder pass over [prompts; flipped prompts]
+            prompts = torch.cat([prompts, self.prompt_embeddings(features, flipped_labels(labels, flip))])
+            tokens, mask = tokens.repeat(2, 1), mask.repeat(2, 1)
+            drop_visual = None if drop_visual is None else drop_visual.repeat(2)
         if drop_visual is not None:  # the first 1 + K prompt rows are the projected visual features
             keep = (~drop_visual).to(prompts.dtype).view(-1, 1, 1)
-            prompts = torch.cat([prompts[:, :features.shape[1]] * keep, prompts[:, features.shape[1]:]], dim=1)
+            visual = self.visual_prompts
+            prompts = torch.cat([prompts[:, :visual] * keep, prompts[:, visual:]], dim=1)
         log_probs = self.token_log_probs(prompts, tokens, mask)
+        parts = {}
+        if counterfactual:
+            rows = len(labels)
+            gap = (log_probs[:rows] - log_probs[rows:]).sum(dim=1)  # nats per report
+            counterfactual_loss = F.relu(counterfactual_margin - gap).mean()
+            parts.update(counterfactual=float(counterfactual_loss.detach()), counterfactual_gap=float(gap.detach().mean()))
+            log_probs, mask = log_probs[:rows], mask[:rows]
         report_loss = -log_probs.sum() / mask.sum()
         # labels: CheXpert codes; POSITIVE → 1, NEGATIVE → 0, UNCERTAIN left out of L_disease, NOT_MENTIONED → 0
         # (disease_unmentioned 'negative', the default) or left out ('ignore')
@@ -440,7 +477,30 @@ class ReportGenerator(nn.Module):
                                                  reduction="none", pos_weight=pos_weight)
         disease_loss = (bce * known).sum() / known.sum().clamp(min=1)
         loss = report_loss + disease_weight * disease_loss
-        return loss, {"report": float(report_loss.detach()), "disease": float(disease_loss.detach())}
+        if counterfactual:
+            loss = loss + counterfactual_weight * counterfactual_loss
+        return loss, {"report": float(report_loss.detach()), "disease": float(disease_loss.detach()), **parts}
+
+
+def counterfactual_observations(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per row of reference labels [B, 14], the observation whose prompt state L_counterfactual flips [B]: one
+    of the report's POSITIVE findings other than No Finding, drawn uniformly (its prompt then says absent); for a
+    report without one, any observation but No Finding, drawn uniformly (its prompt then says present)."""
+    findings = torch.ones(labels.shape[1], dtype=torch.bool)
+    findings[CHEXPERT_OBSERVATIONS.index("No Finding")] = False
+    positive = (labels.cpu() == Label.POSITIVE) & findings
+    weights = torch.where(positive.any(dim=1, keepdim=True), positive, findings.expand_as(positive)).float()
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(labels.device)
+
+
+def flipped_labels(labels: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Labels [B, 14] with observation flip[i] of row i flipped: POSITIVE → NEGATIVE, anything else → POSITIVE
+    (what the teacher-forced prompt reads: present or not)."""
+    flipped = labels.clone()
+    rows = torch.arange(len(labels), device=labels.device)
+    was_positive = labels[rows, flip] == Label.POSITIVE
+    flipped[rows, flip] = torch.where(was_positive, int(Label.NEGATIVE), int(Label.POSITIVE)).to(labels.dtype)
+    return flipped
 
 
 class ReportPolicy(nn.Module):
@@ -542,7 +602,8 @@ def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:
     rg = cfg.models.report_generator
     return ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
                            rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
-                           rg.region_attention, rg.disease_prompt, rg.disease_unmentioned, rg.disease_prompt_form)
+                           rg.region_attention, rg.disease_prompt, rg.disease_unmentioned, rg.disease_prompt_form,
+                           rg.disease_head_input)
 
 
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
