@@ -336,6 +336,10 @@ class LearnerConfig(Section):
                              "out of both stages), to choose the supervised epoch: the one whose greedy reports "
                              "score the best example-based CE F1 there ends the stage; 0 = the last epoch, every "
                              "training pair trained on")
+    supervised_selection: Literal["example_f1", "macro_f1"] = Field(
+        "example_f1", description="rrg: what chooses the supervised epoch on the validation pairs: example-based CE "
+                                  "F1 (mostly the normal reports' No Finding), or macro F1, the mean per-observation "
+                                  "F1 over the observations with at least 5 positive validation reports")
     supervised_checkpoint: Path | None = Field(
         None, description="rrg: skip the supervised stage and start CQRL from this finished supervised run "
                           "(its run folder or one checkpoint folder); e.g. several CQRL variants from one model")

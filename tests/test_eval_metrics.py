@@ -129,3 +129,14 @@ def test_ce_f1_change_per_observation_with_a_paired_bootstrap_error():
     assert effusion["change"] == 0.5  # after: 1 hit, 2 written, 2 true → 2·1 / (2 + 2)
     assert effusion["se"] > 0
     assert math.isnan(changes["Pneumothorax"]["change"])  # nobody marks it positive: no F1 either side
+
+
+def test_macro_ce_f1_averages_the_observations_with_five_positive_references():
+    """Cardiomegaly: 5 references, written in 10 reports, all 5 found → F1 = 2·5 / (10 + 5) = 2/3; Pleural Effusion:
+    6 references, never written → 0; No Finding has 4 positive references (< 5) and is left out: (2/3 + 0) / 2."""
+    from radrl.eval.text_metrics import ce_macro_f1
+
+    references = ["Cardiomegaly."] * 5 + ["Small left pleural effusion."] * 6 + ["The lungs are clear."] * 4
+    candidates = ["Cardiomegaly."] * 10 + ["The lungs are clear."] * 5
+    assert ce_macro_f1(candidates, references) == pytest.approx(1 / 3)
+    assert np.isnan(ce_macro_f1(candidates, references, min_positives=7))  # no observation has 7

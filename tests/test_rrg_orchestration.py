@@ -134,4 +134,4 @@ def test_validation_pairs_choose_the_supervised_epoch(tmp_path):
                                                "learner.supervised_epochs": 2, "learner.iterations": 1,
                                                "learner.supervised_checkpoint": str(tmp_path)})
     _, results = train(later)
-    assert results["supervised_epoch_kept"] == 1 and results["validation_ce_f1"] == [1.0, 0.0]
+    assert results["supervised_epoch_kept"] == 1 and results["validation_selection"] == {"metric": "example_f1", "per_epoch": [1.0, 0.0]}

@@ -62,6 +62,15 @@ def clinical_efficacy(candidates: Sequence[str], references: Sequence[str]) -> d
     return {"ce_precision": float(precision.mean()), "ce_recall": float(recall.mean()), "ce_f1": float(f1.mean())}
 
 
+def ce_macro_f1(candidates: Sequence[str], references: Sequence[str], min_positives: int = 5) -> float:
+    """The mean over observations of their F1 (POSITIVE labels), over the observations with at least
+    `min_positives` positive references: each finding counts once, however common (example-based F1 is mostly
+    the normal reports' No Finding). NaN when no observation has that many."""
+    scores = ce_per_observation(candidates, references)
+    kept = [s["f1"] for s in scores.values() if s["positives"] >= min_positives]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 def ce_per_observation(candidates: Sequence[str], references: Sequence[str]) -> dict[str, dict[str, float]]:
     """Per observation, over the reports: F1, precision, recall of its POSITIVE label, and its reference count.
 

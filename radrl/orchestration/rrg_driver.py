@@ -26,8 +26,8 @@ from radrl.data.pairs import image_report_pairs, validation_split
 from radrl.data.report_pool import iteration_reports
 from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
-from radrl.eval.text_metrics import (ce_baselines, ce_f1_changes, ce_per_observation, clinical_efficacy, nlg_and_ce,
-                                    per_observation_scores)
+from radrl.eval.text_metrics import (ce_baselines, ce_f1_changes, ce_macro_f1, ce_per_observation, clinical_efficacy,
+                                    nlg_and_ce, per_observation_scores)
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.driver import (FaultLog, RunFailed, StageTimer, broadcast_weights, check_staleness,
                                         restore_learner, resume_hint, sampling_calls)
@@ -55,12 +55,18 @@ class RRGTrainer:
         self.reward_actors = roles.rewards[self.reward_name]
         self.train, self.validation = validation_split(image_report_pairs(cfg.data, "train", cfg.data.n_train),
                                                        cfg.learner.supervised_validation)
+        if cfg.learner.supervised_selection == "macro_f1" and self.validation is not None:
+            positives = (self.validation.labels == Label.POSITIVE).sum(axis=0)
+            if positives.max() < 5:
+                raise ValueError(f"learner.supervised_selection 'macro_f1' needs an observation with 5 positive "
+                                 f"validation reports; the {len(self.validation)} validation pairs have at most "
+                                 f"{positives.max()}: raise learner.supervised_validation or use 'example_f1'")
         self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
         self.train_ref = self.put(self.train)  # one copy in the object store for the learner's supervised epochs
         self.per_iteration = cfg.rollout.trajectories_per_iteration
         self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
         self.supervised_evaluation = None
-        self.selection: list[float] = []  # per supervised epoch: CE F1 on the validation pairs (if any)
+        self.selection: list[float] = []  # per supervised epoch: the selection score on the validation pairs
         self.weight_version = -1
         if resume:
             self.restore()
@@ -86,9 +92,12 @@ class RRGTrainer:
         self.epochs_done += 1
         scalars = {f"supervised/train_{k}": v for k, v in train.items()}
         if self.validation is not None:  # what chooses the epoch: never the held-out test images
-            chosen = self.get(learner.greedy.remote(self.validation.images))
-            self.selection.append(clinical_efficacy(chosen, list(self.validation.reports))["ce_f1"])
-            scalars["supervised/validation_ce_f1"] = self.selection[-1]
+            chosen, references = self.get(learner.greedy.remote(self.validation.images)), list(self.validation.reports)
+            scores = {"example_f1": clinical_efficacy(chosen, references)["ce_f1"],
+                      "macro_f1": ce_macro_f1(chosen, references)}
+            self.selection.append(scores[self.cfg.learner.supervised_selection])
+            scalars["supervised/validation_ce_f1"] = scores["example_f1"]
+            scalars["supervised/validation_macro_f1"] = scores["macro_f1"]
         scalars.update({f"supervised/val_{k}": v for k, v in held_out.items()})
         scalars.update({f"supervised/{k}": v for k, v in nlg_and_ce(texts, list(self.eval_set.reports)).items()})
         scalars["timing/epoch"] = time.perf_counter() - start
@@ -186,7 +195,8 @@ class RRGTrainer:
             self.checkpoint()
         results = {"task": "rrg", "iterations": self.iteration, "supervised_epochs": self.epochs_done,
                    "supervised_epoch_kept": self.best_epoch() or self.epochs_done,
-                   "validation_ce_f1": self.selection,
+                   "validation_selection": {"metric": self.cfg.learner.supervised_selection,
+                                            "per_epoch": self.selection},
                    "weight_version": self.weight_version, "reward": self.reward_name,
                    "backends": self.get(self.reward_actors[0].backend_names.remote()),
                    "supervised": self.supervised_evaluation, "cqrl": end,
@@ -198,8 +208,8 @@ class RRGTrainer:
     # ------------------------------------------------------------------ stages
 
     def best_epoch(self) -> int | None:
-        """The supervised epoch (1-based) with the best validation CE F1, the earliest of ties; None without
-        validation pairs."""
+        """The supervised epoch (1-based) with the best validation score (learner.supervised_selection), the
+        earliest of ties; None without validation pairs."""
         return int(np.argmax(self.selection)) + 1 if self.selection else None
 
     def keep_best_epoch(self) -> None:
@@ -211,8 +221,8 @@ class RRGTrainer:
         tensors, _ = load_checkpoint(self.run_dir / "checkpoints" / f"{PREFIX}{best:06d}")
         self.get(self.roles.learner.load_supervised.remote(
             {k.removeprefix("supervised/"): v for k, v in tensors.items() if k.startswith("supervised/")}))
-        log.info("supervised stage: epoch %d of %d kept (validation CE F1 %.3f; last epoch %.3f)", best,
-                 self.epochs_done, self.selection[best - 1], self.selection[-1])
+        log.info("supervised stage: epoch %d of %d kept (validation %s %.3f; last epoch %.3f)", best,
+                 self.epochs_done, self.cfg.learner.supervised_selection, self.selection[best - 1], self.selection[-1])
 
     def start_rl(self) -> None:
         """Hand-over: the learner merges the supervised weights and starts its RL LoRA; every worker gets both."""
@@ -369,7 +379,7 @@ class RRGTrainer:
 
 # What the supervised stage's result depends on: a CQRL run may start from another run's only if these match.
 SUPERVISED_KEYS = ("seed", "data", "models", "learner.supervised_epochs", "learner.supervised_lr",
-                   "learner.supervised_batch_size", "learner.supervised_validation")
+                   "learner.supervised_batch_size", "learner.supervised_validation", "learner.supervised_selection")
 
 
 def completed_config(saved: dict) -> dict:
@@ -418,7 +428,8 @@ def format_epoch(epoch: int, total: int, scalars: dict) -> str:
             f"image reliance {scalars['supervised/val_reliance_gap']:+.4f} "
             f"± {scalars['supervised/val_reliance_gap_se']:.4f}  "
             f"BLEU-4 {scalars['supervised/bleu4']:.3f}  CE F1 {scalars['supervised/ce_f1']:.3f}  "
-            + (f"validation CE F1 {scalars['supervised/validation_ce_f1']:.3f}  "
+            + (f"validation CE F1 {scalars['supervised/validation_ce_f1']:.3f} "
+               f"macro {scalars['supervised/validation_macro_f1']:.3f}  "
                if "supervised/validation_ce_f1" in scalars else "")
             + f"{scalars['timing/epoch']:.0f} s")
 
