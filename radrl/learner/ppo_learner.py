@@ -65,8 +65,9 @@ class ReportLearner:
         weights = disease_pos_weights(np.asarray(data.labels), rg.disease_pos_weight, rg.disease_unmentioned)
         pos_weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
         dropout = rg.visual_prompt_dropout
-        draws = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(1)[0]))
-        flips = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch, 1]).generate_state(1)[0]))
+        # visual-prompt dropout and counterfactual observations: one seeded stream each
+        draws, flips = (torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+                        for key in ([self.cfg.seed, epoch], [self.cfg.seed, epoch, 1]))
         totals: dict[str, list[float]] = {"loss": [], "report": [], "disease": [], "grad_norm": []}
         if rg.counterfactual_weight:
             totals.update(counterfactual=[], counterfactual_gap=[])

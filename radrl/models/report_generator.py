@@ -465,7 +465,8 @@ class ReportGenerator(nn.Module):
             rows = len(labels)
             gap = (log_probs[:rows] - log_probs[rows:]).sum(dim=1)  # nats per report
             counterfactual_loss = F.relu(counterfactual_margin - gap).mean()
-            parts.update(counterfactual=float(counterfactual_loss.detach()), counterfactual_gap=float(gap.detach().mean()))
+            parts = {"counterfactual": float(counterfactual_loss.detach()),
+                     "counterfactual_gap": float(gap.detach().mean())}
             log_probs, mask = log_probs[:rows], mask[:rows]
         report_loss = -log_probs.sum() / mask.sum()
         # labels: CheXpert codes; POSITIVE → 1, NEGATIVE → 0, UNCERTAIN left out of L_disease, NOT_MENTIONED → 0
