@@ -62,7 +62,11 @@ def clinical_efficacy(candidates: Sequence[str], references: Sequence[str]) -> d
     return {"ce_precision": float(precision.mean()), "ce_recall": float(recall.mean()), "ce_f1": float(f1.mean())}
 
 
-def ce_macro_f1(candidates: Sequence[str], references: Sequence[str], min_positives: int = 5) -> float:
+MACRO_MIN_POSITIVES = 5  # an observation counts in the macro F1 with at least this many positive references
+
+
+def ce_macro_f1(candidates: Sequence[str], references: Sequence[str],
+                min_positives: int = MACRO_MIN_POSITIVES) -> float:
     """The mean over observations of their F1 (POSITIVE labels), over the observations with at least
     `min_positives` positive references: each finding counts once, however common (example-based F1 is mostly
     the normal reports' No Finding). NaN when no observation has that many."""

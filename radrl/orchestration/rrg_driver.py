@@ -26,8 +26,8 @@ from radrl.data.pairs import image_report_pairs, validation_split
 from radrl.data.report_pool import iteration_reports
 from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
-from radrl.eval.text_metrics import (ce_baselines, ce_f1_changes, ce_macro_f1, ce_per_observation, clinical_efficacy,
-                                    nlg_and_ce, per_observation_scores)
+from radrl.eval.text_metrics import (MACRO_MIN_POSITIVES, ce_baselines, ce_f1_changes, ce_macro_f1, ce_per_observation,
+                                    clinical_efficacy, nlg_and_ce, per_observation_scores)
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.driver import (FaultLog, RunFailed, StageTimer, broadcast_weights, check_staleness,
                                         restore_learner, resume_hint, sampling_calls)
@@ -57,8 +57,9 @@ class RRGTrainer:
                                                        cfg.learner.supervised_validation)
         if cfg.learner.supervised_selection == "macro_f1" and self.validation is not None:
             positives = (self.validation.labels == Label.POSITIVE).sum(axis=0)
-            if positives.max() < 5:
-                raise ValueError(f"learner.supervised_selection 'macro_f1' needs an observation with 5 positive "
+            if positives.max() < MACRO_MIN_POSITIVES:
+                raise ValueError(f"learner.supervised_selection 'macro_f1' needs an observation with "
+                                 f"{MACRO_MIN_POSITIVES} positive "
                                  f"validation reports; the {len(self.validation)} validation pairs have at most "
                                  f"{positives.max()}: raise learner.supervised_validation or use 'example_f1'")
         self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
