@@ -142,6 +142,11 @@ class ReportGeneratorConfig(Section):
                                "findings to absent, or for a report without one any finding to present); costs a "
                                "second decoder pass per supervised step (epochs 1.6× as long in the tiny config)")
     counterfactual_margin: float = Field(2.0, ge=0, description="m of L_counterfactual, in nats per report")
+    disease_condition: Literal["off", "every_token"] = Field(
+        "off", description="every_token: besides the disease prompt, a learnt vector per observation and state "
+                           "(present / absent), mixed like the prompt, is added to the input embedding of every "
+                           "report token, so the decoder reads the findings at each step without attending back "
+                           "to the prompt (needs disease_prompt on)")
     disease_head_input: Literal["regions", "patches"] = Field(
         "regions", description="what the disease head's linear map reads: the VTrans features [global, regions], "
                                "flattened, or the frozen CLIP patch grid, flattened (every patch in place)")
@@ -164,6 +169,9 @@ class ReportGeneratorConfig(Section):
             raise ValueError("models.report_generator.counterfactual_weight > 0 flips the teacher-forced disease prompt; "
                              f"it needs disease_prompt 'teacher_forced' (got {self.disease_prompt!r}): set one or the "
                              "other")
+        if self.disease_condition != "off" and self.disease_prompt == "off":
+            raise ValueError("models.report_generator.disease_condition 'every_token' spreads the disease prompt's "
+                             "findings over the report tokens; it needs disease_prompt on (got 'off')")
         return self
 
 

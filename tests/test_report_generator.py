@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from radrl.config import load_config
-from radrl.data.observations import CHEXPERT_OBSERVATIONS
+from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.learner.ppo_learner import ReportLearner
 from radrl.learner.ppo import group_advantages
 from radrl.models.report_generator import REGION_PROMPTS, RegionBlock, build_report_policy
@@ -457,3 +457,62 @@ def test_patch_disease_head_reads_the_frozen_patch_grid_and_leaves_the_visual_pr
         prompts = generator.prompt_embeddings(features)
     assert prompts.shape[1] == 30 + 14 + instruction  # [global, 29 regions], disease prompt, instruction
     assert torch.allclose(prompts[:, :30], generator.project(features[:, :30]))
+
+
+def condition_generator(seed=0):
+    """A 'words' generator with disease_condition every_token and random (non-zero) condition vectors."""
+    cfg = config(**{"models.report_generator.disease_condition": "every_token",
+                    "models.report_generator.disease_prompt_form": "words"})
+    generator = build_report_policy(cfg, "cpu").generator.eval()
+    with torch.no_grad():
+        generator.disease_condition.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+    return generator
+
+
+def test_disease_condition_is_added_to_every_report_tokens_input_in_scoring_and_in_generation():
+    generator = condition_generator()
+    labels = torch.zeros(2, 14, dtype=torch.long)
+    labels[0, CHEXPERT_OBSERVATIONS.index("Pleural Effusion")] = Label.POSITIVE
+    with torch.no_grad():
+        prompts = generator.prompt_embeddings(generator.visual_features(images(2)), labels)
+        rows = 30 + len(generator.disease_word_ids) + len(generator.instruction_ids)
+        assert prompts.shape[1] == rows + 1  # the condition rides as the last row
+        u = generator.disease_condition
+        present = (labels == Label.POSITIVE).float().unsqueeze(-1)
+        by_hand = (present * u[0] + (1 - present) * u[1]).sum(dim=1)  # [2, H]
+        assert torch.allclose(prompts[:, -1], by_hand, atol=1e-6)
+        tokens, mask = generator.generate(prompts, greedy=True)
+        # by hand: the decoder reads the prompt rows, then each report token's embedding plus the condition
+        words = generator.decoder.get_input_embeddings()(tokens) + by_hand.unsqueeze(1)
+        logits = generator.decoder(inputs_embeds=torch.cat([prompts[:, :-1], words], dim=1)).logits
+        logits = logits[:, rows - 1:-1]
+        greedy_by_hand = logits.argmax(dim=-1)
+        kept = mask.bool()
+        assert torch.equal(greedy_by_hand[kept], tokens[kept])  # generation saw the condition at every step
+        expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
+        assert torch.allclose(generator.token_log_probs(prompts, tokens, mask), expected, atol=1e-5)
+        # the condition matters: without it the same tokens score differently
+        plain = torch.cat([prompts[:, :-1], torch.zeros_like(prompts[:, -1:])], dim=1)
+        assert not torch.allclose(generator.token_log_probs(plain, tokens, mask), expected, atol=1e-3)
+
+
+def test_disease_condition_starts_at_zero_and_sampled_log_probs_recompute_exactly():
+    cfg = config(**{"models.report_generator.disease_condition": "every_token",
+                    "models.report_generator.disease_prompt_form": "words"})
+    assert torch.count_nonzero(build_report_policy(cfg, "cpu").generator.disease_condition) == 0
+    learner, worker = rl_stage(cfg)
+    with torch.no_grad():  # as after a supervised stage: non-zero condition, the same on both sides
+        for generator in (learner.policy.generator, worker.policy.generator):
+            generator.disease_condition.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=3)
+    generator = learner.policy.generator
+    with torch.no_grad():
+        again = generator.token_log_probs(generator.frozen_prompts(trajectory.images), trajectory.tokens,
+                                          trajectory.mask)
+    assert torch.allclose((again - trajectory.log_probs).exp(), torch.ones_like(again), atol=1e-6)
+
+
+def test_disease_condition_needs_a_disease_prompt():
+    with pytest.raises(ValueError, match="disease_prompt"):
+        config(**{"models.report_generator.disease_condition": "every_token",
+                  "models.report_generator.disease_prompt": "off"})

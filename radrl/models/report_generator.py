@@ -17,13 +17,16 @@
     disease head (models.report_generator.disease_head_input): 14 logits from a linear map of
         regions  the VTrans features, flattened                             [B, (1 + K)·D]
         patches  the frozen patch grid F_I, flattened (every patch in place) [B, N·D]
+    disease condition (models.report_generator.disease_condition 'every_token'): c = Σ_c p_c·u⁺_c + (1 − p_c)·u⁻_c,
+        learnt vectors started at 0, added to the input embedding of every report token            [B, H]
+        (carried as the prompt tensor's last row, which never enters the decoder as a position)
     disease prompt (models.report_generator.disease_prompt): for each CheXpert observation c,
         p_c = σ(disease head) and the token p_c·e⁺_c + (1 − p_c)·e⁻_c             [B, 14, H]
         teacher_forced: training puts the reference's labels in p_c, generation the head's decision at an
         operating point per observation (the F1-best threshold on the training pairs)
         form 'words' instead: the decoder's own tokens "<name_1> s_1 <name_2> s_2 …", s_c = p_c·e(present) +
         (1 − p_c)·e(negative)                                                   [B, L, H]
-    decoder input = [visual prompts, disease prompt, instruction, BOS] → report tokens
+    decoder input = [visual prompts, disease prompt, instruction, BOS] → report tokens (+ c each, if on)
 
 The CLIP towers are frozen throughout. The supervised stage trains the region blocks, VTrans,
 the projection, the disease head and prompt, and the decoder (fully, or through a LoRA that is
@@ -198,7 +201,7 @@ class ReportGenerator(nn.Module):
                  vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0,
                  region_attention: str = "region_query", disease_prompt: str = "teacher_forced",
                  disease_unmentioned: str = "negative", disease_prompt_form: str = "tokens",
-                 disease_head_input: str = "regions"):
+                 disease_head_input: str = "regions", disease_condition: str = "off"):
         super().__init__()
         self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention)
         width = self.extractor.width
@@ -232,6 +235,10 @@ class ReportGenerator(nn.Module):
             self.register_buffer("disease_state_ids", states, persistent=False)
             self.register_buffer("disease_slots", slots, persistent=False)
             self.register_buffer("disease_name_owner", owners, persistent=False)
+        # the disease condition's vectors [2, 14, H] (present, absent), started at 0: the decoder as without them
+        self.disease_condition = None
+        if disease_condition == "every_token" and disease_prompt != "off":
+            self.disease_condition = nn.Parameter(torch.zeros(2, len(CHEXPERT_OBSERVATIONS), hidden))
         # the head's operating point per observation, as a logit (present when logit ≥ it); 0 (p ≥ ½) until
         # fit_operating_points sets it from the training pairs at the end of each supervised epoch
         self.register_buffer("decision_logits", torch.zeros(len(CHEXPERT_OBSERVATIONS)))
@@ -321,7 +328,31 @@ class ReportGenerator(nn.Module):
             parts.append(self._disease_block(p))
         instruction = self.decoder.get_input_embeddings()(self.instruction_ids).float()
         parts.append(instruction.unsqueeze(0).expand(len(features), -1, -1))
+        if self.disease_condition is not None:  # the last row: the condition, split off before the decoder
+            condition = p * self.disease_condition[0] + (1 - p) * self.disease_condition[1]  # [B, 14, H]
+            parts.append(condition.sum(dim=1, keepdim=True))
         return torch.cat(parts, dim=1)  # fp32; cast to the decoder's dtype where it enters the decoder
+
+    def _split_condition(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings → (the decoder's prompt rows [B, P, H], the disease condition [B, H] or None)."""
+        if self.disease_condition is None:
+            return prompts, None
+        return prompts[:, :-1], prompts[:, -1]
+
+    @contextmanager
+    def _conditioned(self, condition: torch.Tensor | None):
+        """While open, the decoder's word embedding adds `condition` [B, H] to every token it embeds: what a
+        report token's input is during generation (the prompt itself enters as embeddings, not through it)."""
+        if condition is None:
+            yield
+            return
+        def add(module, inputs, output):
+            return output + condition.unsqueeze(1).to(output.dtype)
+        handle = self.decoder.get_input_embeddings().register_forward_hook(add)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @property
     def decoder_dtype(self) -> torch.dtype:
@@ -389,7 +420,10 @@ class ReportGenerator(nn.Module):
                         with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """log p(token_t | prompt, tokens_<t) for every report token, teacher-forced → [B, T] (0 where masked);
         with_entropy: also the entropy of each position's next-token distribution [B, T] (not masked)."""
-        embeddings = torch.cat([prompts.to(self.decoder_dtype), self.decoder.get_input_embeddings()(tokens)], dim=1)
+        prompts, condition = self._split_condition(prompts)
+        with self._conditioned(condition):
+            words = self.decoder.get_input_embeddings()(tokens)
+        embeddings = torch.cat([prompts.to(self.decoder_dtype), words], dim=1)
         attention = torch.cat([torch.ones(prompts.shape[:2], device=mask.device), mask], dim=1)
         logits = self.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
         # the logit at position p predicts position p + 1: the report's tokens are predicted from P − 1 on
@@ -409,12 +443,15 @@ class ReportGenerator(nn.Module):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)  # transformers' sampler draws from the global generator
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        prompts, condition = self._split_condition(prompts)
         # with inputs_embeds only, transformers returns just the new tokens
-        tokens = self.decoder.generate(
-            inputs_embeds=prompts.to(self.decoder_dtype), attention_mask=torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device),
-            max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None, temperature=None,
-            num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id,
-        )
+        with self._conditioned(condition):
+            tokens = self.decoder.generate(
+                inputs_embeds=prompts.to(self.decoder_dtype),
+                attention_mask=torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device),
+                max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None, temperature=None,
+                num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id,
+            )
         ended = (tokens == eos).long()
         after_eos = (ended.cumsum(dim=1) - ended) > 0  # positions after the first EOS
         mask = (~after_eos).float()
@@ -604,7 +641,7 @@ def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:
     return ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
                            rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
                            rg.region_attention, rg.disease_prompt, rg.disease_unmentioned, rg.disease_prompt_form,
-                           rg.disease_head_input)
+                           rg.disease_head_input, rg.disease_condition)
 
 
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
