@@ -110,10 +110,12 @@ def test_readme_snippet_loads_the_default_runs_export_as_printed(tmp_path, monke
 
 def test_rrg_export_reloads_as_a_peft_adapter_with_the_same_reports(tmp_path):
     run = tmp_path / "rrg"
-    cfg = config(RRG, run, **{"learner.lr": 0.05})
+    # with the disease condition, which the export must carry and the loader must add to every report token
+    cfg = config(RRG, run, **{"learner.lr": 0.05, "models.report_generator.disease_condition": "every_token"})
     run_training(cfg)
     out, info = export_run(run, merged=True)
     assert info["stage"] == "rl" and info["adapter"]
+    assert "disease_condition: every_token" in (out / "README.md").read_text()
     assert (out / "decoder_adapter" / "adapter_config.json").is_file() and (out / "decoder_merged").is_dir()
     policy = load_report_policy(cfg, resolve_checkpoint(run)).eval()
     pairs = held_out(cfg, 6)
@@ -127,6 +129,7 @@ def test_rrg_export_reloads_as_a_peft_adapter_with_the_same_reports(tmp_path):
         torch.testing.assert_close(loaded.report_nll(images, list(pairs.reports)), nll, atol=1e-5, rtol=0)  # ... kept
         torch.testing.assert_close(merged.report_nll(images, list(pairs.reports)), nll, atol=1e-4, rtol=0)
         assert loaded.greedy_reports(images) == policy.generator.greedy_reports(images)
+        assert torch.count_nonzero(loaded.disease_condition) > 0  # trained, and carried by visual.safetensors
     export_run(run, tmp_path / "plain")
     assert not (tmp_path / "plain" / "decoder_merged").exists()
     with pytest.raises(ValueError, match="no merged decoder"):

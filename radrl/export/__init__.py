@@ -92,6 +92,10 @@ images = to_unit_images(output, pixel_space={pixel})  # [1, 1, {size}, {size}] i
     else:
         adapter = ("`decoder_adapter/`: the CQRL LoRA as a PEFT adapter on `decoder/` (the supervised decoder)."
                    if info["adapter"] else "No adapter: a supervised-stage checkpoint.")
+        condition = ("" if info["config"]["models"]["report_generator"].get("disease_condition", "off") == "off" else
+                     " This model was trained with `disease_condition: every_token`: each report token's input\n"
+                     "embedding also gets the disease condition (the prompt tensor's last row), which\n"
+                     "`generator.generate` adds; a bare decoder without it writes other reports.")
         body = f"""# LM-RRG report generator: decoder LM + PEFT adapter + visual extractor
 
 Chest X-ray → report, trained by radrl from {source} (stage: {info['stage']}).
@@ -99,7 +103,7 @@ Chest X-ray → report, trained by radrl from {source} (stage: {info['stage']}).
 - `decoder/`: the decoder LM (transformers `save_pretrained`, with its tokenizer).
 - {adapter}
 - {'`decoder_merged/`: the adapter merged into the decoder.' if info['merged'] else 'Merged decoder: export with `--merged`.'}
-- `visual.safetensors`: the CLIP image tower, region blocks, VTrans, projection, disease head and tokens.
+- `visual.safetensors`: the CLIP image tower, region blocks, VTrans, projection, disease head, tokens and condition.
 
 ## Load it
 
@@ -110,7 +114,7 @@ reports = generator.greedy_reports(images)  # images: [B, 1, S, S] in [0, 1]
 ```
 
 The decoder alone loads with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{out}/decoder"),
-"{out}/decoder_adapter")`; its prompts (visual tokens) come from the extractor.
+"{out}/decoder_adapter")`; its prompts (visual tokens) come from the extractor.{condition}
 """
     return body + f"\n## Held-out results of the run\n\n{held_out_results(run_dir)}\n"
 
