@@ -223,9 +223,10 @@ class RolloutConfig(Section):
     precompute_anchor: bool = Field(False, description="score the anchor on every training (report, seed) pair before "
                                                        "training (for a small data.n_train); needs anchor_cache")
     repeat_factor_threshold: float | None = Field(
-        None, gt=0, le=1, description="cxrl: draw each iteration's training reports in proportion to their LVIS repeat "
-                                      "factor max(1, sqrt(t / f)), f the share of training reports with the report's "
-                                      "rarest positive finding; None = uniformly (IU reports are mostly normal)")
+        None, gt=0, le=1, description="draw each iteration's training reports (cxrl) or image–report pairs (rrg's "
+                                      "CQRL) in proportion to their LVIS repeat factor max(1, sqrt(t / f)), f the "
+                                      "share of training reports with the report's rarest positive finding; None = "
+                                      "uniformly (IU reports are mostly normal)")
     resources: Resources = Resources()
 
     @property

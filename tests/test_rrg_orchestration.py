@@ -135,3 +135,30 @@ def test_validation_pairs_choose_the_supervised_epoch(tmp_path):
                                                "learner.supervised_checkpoint": str(tmp_path)})
     _, results = train(later)
     assert results["supervised_epoch_kept"] == 1 and results["validation_selection"] == {"metric": "example_f1", "per_epoch": [1.0, 0.0]}
+
+
+def test_cqrl_draws_images_by_repeat_factor_when_asked(tmp_path):
+    """rollout.repeat_factor_threshold t: each training pair weighs max(1, sqrt(t / f)), f the share of training
+    pairs with its rarest positive finding (LVIS; "No Finding" is not a finding), by hand from the labels; unset:
+    uniform."""
+    from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
+
+    cfg = small_config(tmp_path / "rf", **{"rollout.repeat_factor_threshold": 1.0, "data.n_train": 64})
+    roles = start_roles(cfg)
+    try:
+        trainer = RRGTrainer(cfg, roles)
+        positive = trainer.train.labels == Label.POSITIVE
+        positive[:, CHEXPERT_OBSERVATIONS.index("No Finding")] = False
+        share = positive.mean(axis=0)
+        for i, row in enumerate(positive):
+            rarest = min((share[c] for c in np.flatnonzero(row)), default=None)
+            expected = 1.0 if rarest is None else max(1.0, (1.0 / rarest) ** 0.5)
+            assert trainer.image_weights[i] == pytest.approx(expected)
+        assert trainer.image_weights.max() > 1  # some pair has a finding rarer than t
+    finally:
+        roles.cluster.shutdown()
+    roles = start_roles(small_config(tmp_path / "uniform"))
+    try:
+        assert RRGTrainer(small_config(tmp_path / "uniform"), roles).image_weights is None
+    finally:
+        roles.cluster.shutdown()

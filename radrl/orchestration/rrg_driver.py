@@ -23,7 +23,7 @@ from radrl.data.embedded import stable_seed
 from radrl.data.labeler import label_reports
 from radrl.data.observations import Label
 from radrl.data.pairs import image_report_pairs, validation_split
-from radrl.data.report_pool import iteration_reports
+from radrl.data.report_pool import iteration_reports, repeat_factors
 from radrl.eval.region_attention import write_region_attention
 from radrl.eval.rrg_eval import report_summary
 from radrl.eval.text_metrics import (MACRO_MIN_POSITIVES, ce_baselines, ce_f1_changes, ce_macro_f1, ce_per_observation,
@@ -65,6 +65,10 @@ class RRGTrainer:
         self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
         self.train_ref = self.put(self.train)  # one copy in the object store for the learner's supervised epochs
         self.per_iteration = cfg.rollout.trajectories_per_iteration
+        # CQRL's images drawn uniformly, or by repeat factor (rollout.repeat_factor_threshold) so that images with
+        # rare findings weigh more against the mostly normal ones
+        self.image_weights = (None if cfg.rollout.repeat_factor_threshold is None else
+                              repeat_factors(self.train.labels, cfg.rollout.repeat_factor_threshold))
         self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
         self.supervised_evaluation = None
         self.selection: list[float] = []  # per supervised epoch: the selection score on the validation pairs
@@ -108,7 +112,7 @@ class RRGTrainer:
         """One CQRL iteration: sample → score → PPO update → broadcast. Returns its scalars."""
         cfg, timer, start = self.cfg, StageTimer(), time.perf_counter()
         index = iteration_reports(list(range(len(self.train))), self.per_iteration, cfg.seed, self.iteration,
-                                  cfg.rollout.samples_per_report)
+                                  cfg.rollout.samples_per_report, self.image_weights)
 
         with timer("sample"):  # 1. reports with policy and reference token log-probs
             trajectories, rollouts = self.sample(index)
