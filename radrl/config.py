@@ -320,9 +320,10 @@ class LearnerConfig(Section):
     kl_threshold_quantile: float = Field(0.75, gt=0, lt=1, description="rrg: quantile of the supervised model's "
                                                                       "sampled rewards that sets θ (kl_threshold None)")
     adaptive_kl: bool = Field(True, description="rrg: λ_KL = 1 if reward ≥ θ else reward/θ (clipped at 0)")
-    rrg_advantage: Literal["rloo", "group_mean"] = Field(
-        "rloo", description="rrg: advantage = reward minus the mean of the image's other samples (rloo) or of all its "
-                            "samples (group_mean); no std division")
+    rrg_advantage: Literal["rloo", "group_mean", "greedy"] = Field(
+        "rloo", description="rrg: advantage = reward minus the mean of the image's other samples (rloo), of all its "
+                            "samples (group_mean), or the reward of the image's greedy report (greedy: self-critical, "
+                            "SCST / ReMax; the workers also greedy-decode each image); no std division")
     rrg_token_norm: Literal["report_length", "constant"] = Field(
         "report_length", description="rrg: divide each report's summed PPO and KL terms by its own token count "
                                 "(report_length, GRPO's mean: length-biased) or by max_new_tokens (constant, Dr. GRPO)")
@@ -349,6 +350,11 @@ class LearnerConfig(Section):
         "example_f1", description="rrg: what chooses the supervised epoch on the validation pairs: example-based CE "
                                   "F1 (mostly the normal reports' No Finding), or macro F1, the mean per-observation "
                                   "F1 over the observations with at least 5 positive validation reports")
+    rl_validation_every: int = Field(
+        0, ge=0, description="rrg: every this many CQRL iterations (and at the hand-over), greedy reports and reports "
+                             "sampled at temperature 1 of the validation pairs (learner.supervised_validation) are "
+                             "scored with the training reward; CQRL ends with the weights of the iteration whose mean "
+                             "of the two scores is best (the hand-over's included). 0 = the last iteration's weights")
     supervised_checkpoint: Path | None = Field(
         None, description="rrg: skip the supervised stage and start CQRL from this finished supervised run "
                           "(its run folder or one checkpoint folder); e.g. several CQRL variants from one model")
@@ -453,6 +459,9 @@ class ExperimentConfig(Section):
         if self.task == "rrg" and self.rollout.samples_per_report < 2:
             raise ValueError("rollout.samples_per_report must be ≥ 2 for rrg: a report's advantage is its reward minus "
                              "the mean of the other reports sampled for the same image")
+        if self.learner.rl_validation_every and not self.learner.supervised_validation:
+            raise ValueError("learner.rl_validation_every scores the validation pairs: set learner.supervised_validation "
+                             "(e.g. 300), or rl_validation_every=0 to end CQRL with its last iteration")
         if self.learner.stat_min_count > self.learner.stat_buffer_size:
             raise ValueError("learner.stat_min_count must not exceed learner.stat_buffer_size")
         if self.task == "cxrl" and self.rewards.lambda_align + self.rewards.lambda_diag + self.rewards.lambda_consist == 0:

@@ -73,6 +73,8 @@ def test_override_sets_nested_value_with_yaml_types():
         ("data.source=mimic_cxr", r"data\.mimic_root is not set"),
         ("data.image_size=16", r"data\.image_size: Input should be greater than or equal to 32"),
         ("widgets.count=3", r"widgets: unknown key"),
+        ("learner.rl_validation_every=40", r"learner\.rl_validation_every scores the validation pairs: set "
+                                           r"learner\.supervised_validation"),
     ],
 )
 def test_errors_name_the_field(override, expected):

@@ -210,6 +210,25 @@ def test_group_advantages_hand_computed():
         group_advantages(np.array([1.0, 2.0]), [0, 1], "rloo")
 
 
+def test_greedy_baseline_advantages_and_the_worker_greedy_reports():
+    # self-critical: each sample's reward minus its image's greedy report's reward, no group mean
+    assert group_advantages(np.array([1.0, 2.0, 6.0]), [7, 7, 3], "greedy", np.array([1.5, 1.5, 6.0])) == \
+        pytest.approx([-0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="greedy_rewards"):
+        group_advantages(np.array([1.0, 2.0]), [0, 0], "greedy")
+    learner, worker = rl_stage(config(**{"learner.rrg_advantage": "greedy"}))
+    trajectory, rollout = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)
+    expected = worker.policy.generator.greedy_reports(images())  # each row's own image, greedy
+    assert rollout.greedy == (expected[0], expected[0], expected[2], expected[2])  # GROUPS: rows 0-1, rows 2-3
+    rewards, greedy = np.array([1.0, 0.0, 0.5, 2.0]), np.array([0.5, 0.5, 0.5, 0.5])
+    metrics = learner.update_with(rewards, greedy, trajectory)
+    assert metrics["advantage_abs"] == pytest.approx(np.mean(np.abs(rewards - greedy)))
+    learner, worker = rl_stage(config(**{"learner.rrg_advantage": "greedy"}))
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=0)
+    metrics = learner.update_with(rewards, np.array([0.5, np.nan, 0.5, 0.5]), trajectory)
+    assert metrics["dropped_nonfinite"] == 1 and metrics["trajectories"] == 3  # a NaN baseline drops its row
+
+
 def test_theta_comes_from_the_first_batch_and_target_kl_stops_epochs_early():
     learner, worker = rl_stage(config(**{"learner.inner_epochs": 4, "learner.batch_size": 2,
                                          "learner.target_kl": 1e-12}))

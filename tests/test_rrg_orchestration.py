@@ -162,3 +162,49 @@ def test_cqrl_draws_images_by_repeat_factor_when_asked(tmp_path):
         assert RRGTrainer(small_config(tmp_path / "uniform"), roles).image_weights is None
     finally:
         roles.cluster.shutdown()
+
+
+class ScriptedValidation(RRGTrainer):
+    """Scores each validation as the real one does, then replaces the selection score by a fixed table, so that the
+    test knows which iteration must be kept."""
+
+    SCORES = {0: 0.0, 2: 1.0, 3: 0.5}
+
+    def validate_rl(self):
+        scalars = super().validate_rl()
+        self.rl_selection[-1][1] = self.SCORES[self.iteration]
+        return scalars
+
+
+@pytest.mark.slow
+def test_cqrl_ends_with_the_best_validated_iteration(tmp_path):
+    """learner.rl_validation_every: the hand-over and every k-th iteration are scored on the validation pairs, their
+    checkpoints survive keep_checkpoints, and the run evaluates, reports and resolves to the best one's weights
+    (with the self-critical greedy baseline, whose reward is logged)."""
+    from radrl.checkpoints import load_checkpoint
+    from radrl.eval.run import resolve_checkpoint
+
+    cfg = small_config(tmp_path, **{"data.n_train": 24, "learner.supervised_validation": 6, "learner.iterations": 3,
+                                    "learner.rl_validation_every": 2, "logging.checkpoint_every": 10,
+                                    "logging.keep_checkpoints": 1, "learner.rrg_advantage": "greedy"})
+    roles = start_roles(cfg)
+    try:
+        trainer = ScriptedValidation(cfg, roles)
+        results = trainer.run()
+        published = roles.cluster.get(roles.learner.publish.remote())
+    finally:
+        roles.cluster.shutdown()
+    assert [it for it, _ in results["rl_validation"]["scores"]] == [0, 2, 3]  # hand-over, every 2nd, the last
+    assert results["cqrl_iteration_kept"] == 2 and results["iterations"] == 3
+    folder = tmp_path / results["kept_checkpoint"]  # 1 supervised epoch + the hand-over + 2 iterations
+    assert results["kept_checkpoint"] == "checkpoints/iter_000004" and (tmp_path / "checkpoints/iter_000005").is_dir()
+    kept, last = load_checkpoint(folder)[0], load_checkpoint(tmp_path / "checkpoints/iter_000005")[0]
+    names = [k for k in kept if k.startswith("rl/")]
+    assert names and all(np.array_equal(published.tensors[k.removeprefix("rl/")], kept[k].numpy()) for k in names)
+    assert not all(torch.equal(kept[k], last[k]) for k in names)  # the last iteration's training state is kept too
+    assert resolve_checkpoint(tmp_path) == folder  # radrl eval / export of the run folder take the kept weights
+    assert all(np.isfinite(row["reward/greedy"]) for row in history(tmp_path))  # the self-critical baseline's reward
+    validated = [row for row in history(tmp_path) if "validation/reward_greedy" in row]
+    assert [row["iteration"] for row in validated] == [2, 3]
+    assert all(np.isfinite(row["validation/reward_greedy"]) and np.isfinite(row["validation/reward_sampled"])
+               for row in validated)

@@ -12,12 +12,18 @@ MODELS = {"cxrl": ("anchor", "policy"), "rrg": ("supervised", "policy")}
 
 
 def resolve_checkpoint(path: Path | None) -> Path | None:
-    """A checkpoint folder as given, or a run folder's latest checkpoint; a clear error for anything else."""
+    """A checkpoint folder as given; for a run folder, the checkpoint its finished run kept (results.json's
+    kept_checkpoint: LM-RRG's validation selection may keep an earlier CQRL iteration than the last), else its
+    latest; a clear error for anything else."""
     if path is None:
         return None
     path = Path(path)
     if (path / "state.json").is_file():
         return path
+    results = path / "results.json"
+    kept = json.loads(results.read_text()).get("kept_checkpoint") if results.is_file() else None
+    if kept is not None and (path / kept / "state.json").is_file():
+        return path / kept
     latest = latest_checkpoint(path)
     if latest is None:
         raise FileNotFoundError(f"--checkpoint {path}: neither a checkpoint folder (with state.json) nor a run folder "

@@ -12,17 +12,26 @@ import numpy as np
 import torch
 
 
-def group_advantages(rewards: np.ndarray, groups, estimator: str) -> np.ndarray:
-    """One advantage per sampled report, from the other samples of the same image (its group); no std division.
+def group_advantages(rewards: np.ndarray, groups, estimator: str, greedy_rewards: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """One advantage per sampled report, from a baseline of the same image (its group); no std division.
 
     rloo:        A_i = r_i − mean_{j≠i} r_j      (leave-one-out baseline: unbiased, = k/(k−1) · (r_i − mean))
     group_mean:  A_i = r_i − mean_j r_j
-    A group whose rewards are all equal gives every member 0: it carries no preference between reports.
+    greedy:      A_i = r_i − r(greedy report of the image)  (self-critical sequence training, Rennie et al. 2017;
+                 ReMax): a sample is pushed up only if it beats what greedy decoding, the evaluated report, writes.
+                 greedy_rewards [B] holds each row's greedy reward.
+    A group whose rewards are all equal (greedy: all equal to the greedy report's) gives every member 0: it carries
+    no preference between reports.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     groups = np.asarray(groups)
-    if estimator not in ("rloo", "group_mean"):
-        raise ValueError(f"advantage estimator must be 'rloo' or 'group_mean', got {estimator!r}")
+    if estimator not in ("rloo", "group_mean", "greedy"):
+        raise ValueError(f"advantage estimator must be 'rloo', 'group_mean' or 'greedy', got {estimator!r}")
+    if estimator == "greedy":
+        if greedy_rewards is None or len(greedy_rewards) != len(rewards):
+            raise ValueError("the greedy baseline needs each sampled report's greedy reward (greedy_rewards [B])")
+        return rewards - np.asarray(greedy_rewards, dtype=np.float64)
     result = np.empty_like(rewards)
     for group in np.unique(groups):
         members = groups == group

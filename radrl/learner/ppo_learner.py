@@ -184,6 +184,13 @@ class ReportLearner:
         self._require_stage("rl")
         return PublishedWeights(self.version, {k: v.cpu().numpy().copy() for k, v in self.policy.rl_state().items()})
 
+    def load_rl(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Install an earlier iteration's RL LoRA (CQRL's validation selection); a new version for the workers."""
+        self._require_stage("rl")
+        self.policy.load_rl_state(tensors)
+        self.version += 1
+        return self.version
+
     def lambda_kl(self, rewards: np.ndarray) -> np.ndarray:
         """Per-report KL weight: the adaptive rule with θ, or learner.lambda_kl when adaptive_kl is off."""
         learner = self.cfg.learner
@@ -192,7 +199,13 @@ class ReportLearner:
         return np.full(len(rewards), learner.lambda_kl)
 
     def update(self, rewards: np.ndarray, *trajectories: ReportTrajectory) -> dict[str, float]:
-        """One PPO round on this iteration's reports (rewards in the same order); bumps the version.
+        """One PPO round with a group baseline (learner.rrg_advantage 'rloo' or 'group_mean'); see update_with."""
+        return self.update_with(rewards, None, *trajectories)
+
+    def update_with(self, rewards: np.ndarray, greedy_rewards: np.ndarray | None,
+                    *trajectories: ReportTrajectory) -> dict[str, float]:
+        """One PPO round on this iteration's reports (rewards in the same order; greedy_rewards: each row's greedy
+        report's reward, for rrg_advantage 'greedy'); bumps the version.
 
         Epochs over shuffled minibatches; with learner.target_kl they stop early once a minibatch's
         approximate KL to the sampling policy exceeds it. All or nothing: a non-finite gradient in any
@@ -203,29 +216,35 @@ class ReportLearner:
         rewards = check_update_batch(rewards, len(batch.references), batch.weight_version, self.version,
                                      self.cfg.orchestration.max_staleness)
         log_probs = torch.cat([batch.log_probs, batch.ref_log_probs], dim=1).numpy()
+        if greedy_rewards is not None:  # a row whose greedy baseline is non-finite has no advantage: dropped too
+            greedy_rewards = np.asarray(greedy_rewards, dtype=np.float64)
+            rewards = np.where(np.isfinite(greedy_rewards), rewards, np.nan)
         keep = finite_rows(rewards, log_probs, self.cfg.learner.max_nonfinite_fraction)
         dropped = int((~keep).sum())
         if dropped:
             batch, rewards = batch.select(keep), rewards[keep]
+            greedy_rewards = None if greedy_rewards is None else greedy_rewards[keep]
         lora = {name: tensor.clone() for name, tensor in self.policy.rl_state().items()}
         snapshot, threshold = training_state(self.optimizer, self.generator, None, self.version), self.kl_threshold
         try:
-            return {**self._update(batch, rewards), "dropped_nonfinite": dropped}
+            return {**self._update(batch, rewards, greedy_rewards), "dropped_nonfinite": dropped}
         except FloatingPointError:
             self.policy.load_rl_state(lora)
             self.version = load_training_state(self.optimizer, self.generator, None, *snapshot, self.device)
             self.kl_threshold = threshold
             raise
 
-    def _update(self, batch: ReportTrajectory, rewards: np.ndarray) -> dict[str, float]:
+    def _update(self, batch: ReportTrajectory, rewards: np.ndarray, greedy_rewards: np.ndarray | None
+                ) -> dict[str, float]:
         learner = self.cfg.learner
         if learner.adaptive_kl and self.kl_threshold is None:  # θ from the reward's scale: a first-batch quantile
             self.kl_threshold = float(np.quantile(rewards, learner.kl_threshold_quantile))
             if self.kl_threshold <= 0:
                 raise ValueError(f"the first CQRL batch's reward quantile {learner.kl_threshold_quantile} is "
                                  f"{self.kl_threshold:.4g}: θ must be > 0; set learner.kl_threshold")
-        advantages = group_advantages(rewards, batch.groups, learner.rrg_advantage)
-        zero_variance = float(np.mean([np.ptp(rewards[np.asarray(batch.groups) == g]) == 0
+        advantages = group_advantages(rewards, batch.groups, learner.rrg_advantage, greedy_rewards)
+        compared = rewards if greedy_rewards is None else np.stack([rewards, greedy_rewards], axis=1)
+        zero_variance = float(np.mean([np.ptp(compared[np.asarray(batch.groups) == g]) == 0
                                        for g in np.unique(batch.groups)]))
         advantages = torch.as_tensor(advantages, dtype=torch.float32, device=self.device).clamp(
             -learner.adv_clip_max, learner.adv_clip_max)

@@ -72,6 +72,7 @@ class RRGTrainer:
         self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
         self.supervised_evaluation = None
         self.selection: list[float] = []  # per supervised epoch: the selection score on the validation pairs
+        self.rl_selection: list[list] = []  # [iteration, validation reward] every learner.rl_validation_every
         self.weight_version = -1
         if resume:
             self.restore()
@@ -122,9 +123,10 @@ class RRGTrainer:
             scored = self.get([self.reward_actors[k % len(self.reward_actors)].score.remote(r)
                                for k, r in enumerate(rollouts)])
         rewards = np.concatenate([s.rewards for s in scored])
+        greedy = None if scored[0].greedy_rewards is None else np.concatenate([s.greedy_rewards for s in scored])
 
         with timer("update"):  # 3. PPO with the adaptive KL on the learner
-            update = self.get(self.roles.learner.update.remote(rewards, *trajectories))
+            update = self.get(self.roles.learner.update_with.remote(rewards, greedy, *trajectories))
         self.tracker.log_histograms(self.iteration + 1, {"hist/reward": rewards,
                                                          "hist/advantages": update.pop("advantages")})
         if (self.iteration + 1) % cfg.logging.image_every == 0:
@@ -159,13 +161,20 @@ class RRGTrainer:
             self.checkpoint()
             return
         self.stage = "train"
+        every = cfg.learner.rl_validation_every
+        if every and not self.rl_selection:  # the hand-over's score: CQRL may keep the supervised model
+            self.validate_rl()
+            self.checkpoint()
         scalars = self.train_step()
+        if every and (self.iteration % every == 0 or self.iteration == cfg.learner.iterations):
+            scalars.update(self.validate_rl())
         scalars.update(self.faults.log(self.iteration))
         self.tracker.log_scalars(self.iteration, scalars)
         self.roles.cluster.record(self.iteration, int(scalars["rollout/reports"]),
                                   scalars[REWARD.format(name=self.reward_name)], scalars)
         log.info(format_progress(self.iteration, cfg.learner.iterations, scalars, self.reward_name))
-        if self.iteration % cfg.logging.checkpoint_every == 0:
+        if self.iteration % cfg.logging.checkpoint_every == 0 or (
+                every and self.rl_selection[-1][0] == self.iteration):  # a validated iteration may be kept
             self.checkpoint()
 
     def recover_learner(self) -> None:
@@ -178,6 +187,7 @@ class RRGTrainer:
         else:
             self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
             self.supervised_evaluation, self.weight_version, self.selection = None, -1, []
+            self.rl_selection = []
         self.tracker.rollback(self.iteration)
         self.supervised_tracker.rollback(self.epochs_done)
         self.faults.learner_recovered(self.iteration, failed_at - self.epochs_done - self.iteration)
@@ -193,15 +203,20 @@ class RRGTrainer:
                 except RoleLost:
                     self.recover_learner()
             self.stage = "evaluate"
-            end = self.evaluate() if self.iteration else self.supervised_evaluation  # no CQRL: the same model
+            if self.last_checkpoint != (self.epochs_done, self.iteration):
+                self.checkpoint()  # the last iteration's state, before a validation selection loads another
+            kept = self.keep_best_iteration()
+            end = self.evaluate() if kept else self.supervised_evaluation  # no CQRL: the same model
         except Exception as error:
             raise RunFailed(self.failure_message(error, self.stage)) from error
-        if self.last_checkpoint != (self.epochs_done, self.iteration):
-            self.checkpoint()
         results = {"task": "rrg", "iterations": self.iteration, "supervised_epochs": self.epochs_done,
                    "supervised_epoch_kept": self.best_epoch() or self.epochs_done,
                    "validation_selection": {"metric": self.cfg.learner.supervised_selection,
                                             "per_epoch": self.selection},
+                   "cqrl_iteration_kept": kept,
+                   "rl_validation": {"every": cfg.learner.rl_validation_every, "metric": f"mean {self.reward_name} "
+                                     "reward of greedy and sampled validation reports", "scores": self.rl_selection},
+                   "kept_checkpoint": str(self.checkpoint_folder(kept).relative_to(self.run_dir)),
                    "weight_version": self.weight_version, "reward": self.reward_name,
                    "backends": self.get(self.reward_actors[0].backend_names.remote()),
                    "supervised": self.supervised_evaluation, "cqrl": end,
@@ -228,6 +243,48 @@ class RRGTrainer:
             {k.removeprefix("supervised/"): v for k, v in tensors.items() if k.startswith("supervised/")}))
         log.info("supervised stage: epoch %d of %d kept (validation %s %.3f; last epoch %.3f)", best,
                  self.epochs_done, self.cfg.learner.supervised_selection, self.selection[best - 1], self.selection[-1])
+
+    def best_iteration(self) -> int:
+        """The CQRL iteration whose validation reward is best (the earliest of ties; 0 is the hand-over), or the
+        last iteration without rl_validation_every."""
+        if not self.rl_selection:
+            return self.iteration
+        return int(self.rl_selection[int(np.argmax([score for _, score in self.rl_selection]))][0])
+
+    def validate_rl(self) -> dict[str, float]:
+        """Score greedy and sampled (temperature 1, fixed seeds) reports of the validation pairs with the training
+        reward; their mean is this iteration's selection score. Returns its scalars."""
+        images, references = self.validation.images, list(self.validation.reports)
+        workers, size = self.roles.workers, self.cfg.rollout.batch_size
+        starts = list(range(0, len(images), size))
+        greedy = self.get([workers[k % len(workers)].greedy.remote(images[s:s + size]) for k, s in enumerate(starts)])
+        sampled = self.get([workers[k % len(workers)].sampled_reports.remote(
+            images[s:s + size], stable_seed("validation", self.cfg.logging.eval_seed, k)) for k, s in enumerate(starts)])
+        scorer = self.reward_actors[0]
+        means = [float(np.nanmean(self.get(scorer.rewards.remote([t for part in texts for t in part], references))))
+                 for texts in (greedy, sampled)]
+        self.rl_selection.append([self.iteration, float(np.mean(means))])
+        log.info("CQRL validation at iteration %d: %s reward greedy %.4f sampled %.4f", self.iteration,
+                 self.reward_name, *means)
+        return {"validation/reward_greedy": means[0], "validation/reward_sampled": means[1],
+                "validation/selection": float(np.mean(means))}
+
+    def keep_best_iteration(self) -> int:
+        """End CQRL with the best validated iteration's RL LoRA (learner.rl_validation_every; the last iteration's
+        checkpoint stays as it was trained); returns the iteration kept."""
+        best = self.best_iteration()
+        if best != self.iteration:
+            tensors, _ = load_checkpoint(self.checkpoint_folder(best))
+            self.get(self.roles.learner.load_rl.remote(
+                {k.removeprefix("rl/"): v for k, v in tensors.items() if k.startswith("rl/")}))
+            self.weight_version = self.broadcast()
+            log.info("CQRL: iteration %d of %d kept (validation reward %.4f; last iteration %.4f)", best,
+                     self.iteration, dict(self.rl_selection)[best], self.rl_selection[-1][1])
+        return best
+
+    def checkpoint_folder(self, iteration: int) -> Path:
+        """The checkpoint folder of CQRL iteration `iteration` (0: the hand-over)."""
+        return self.run_dir / "checkpoints" / f"{PREFIX}{self.cfg.learner.supervised_epochs + 1 + iteration:06d}"
 
     def start_rl(self) -> None:
         """Hand-over: the learner merges the supervised weights and starts its RL LoRA; every worker gets both."""
@@ -300,6 +357,8 @@ class RRGTrainer:
 
     def iteration_scalars(self, rollouts, scored, rewards, update, seconds, wall) -> dict[str, float]:
         scalars = {REWARD.format(name=self.reward_name): float(np.nanmean(rewards)),
+                   **({} if scored[0].greedy_rewards is None else {  # the self-critical baseline's own reward
+                       "reward/greedy": float(np.nanmean(np.concatenate([s.greedy_rewards for s in scored])))}),
                    "rollout/nonfinite_rewards": float((~np.isfinite(rewards)).sum())}
         for name in ("radcliq_v0", "radcliq_v1", *FEATURES):
             values = np.concatenate([s.scores[name] for s in scored])
@@ -326,14 +385,17 @@ class RRGTrainer:
         tensors, learner_state = self.get(self.roles.learner.state.remote())
         state = {"epochs_done": self.epochs_done, "iteration": self.iteration, "weight_version": self.weight_version,
                  "learner": learner_state, "supervised_evaluation": self.supervised_evaluation,
-                 "selection": self.selection,
+                 "selection": self.selection, "rl_selection": self.rl_selection,
                  "config": self.cfg.model_dump(mode="json")}
         # folders are numbered by steps done: supervised epochs, the hand-over evaluation, then iterations
         step = self.epochs_done + (self.supervised_evaluation is not None) + self.iteration
         handover = self.cfg.learner.supervised_epochs + 1  # the supervised stage's result: other runs start from it
         best = self.best_epoch()  # the validation's best epoch: the hand-over may load it
+        protect = (handover,) if best is None else (handover, best)
+        if self.rl_selection:  # the best validated CQRL iteration: the run may end with it
+            protect += (handover + self.best_iteration(),)
         folder = save_checkpoint(self.run_dir, step, tensors, state, keep=self.cfg.logging.keep_checkpoints,
-                                 protect=(handover,) if best is None else (handover, best))
+                                 protect=protect)
         self.last_checkpoint = (self.epochs_done, self.iteration)
         return folder
 
@@ -342,6 +404,7 @@ class RRGTrainer:
         self.epochs_done, self.iteration = state["epochs_done"], state["iteration"]
         self.supervised_evaluation = state["supervised_evaluation"]
         self.selection = state.get("selection", [])
+        self.rl_selection = state.get("rl_selection", [])
         self.last_checkpoint = (self.epochs_done, self.iteration)
         if state["learner"]["stage"] == "rl":
             self.send_supervised()

@@ -22,6 +22,7 @@ class ScoredReports:
     rewards: np.ndarray  # [B], higher is better
     scores: dict[str, np.ndarray]  # each RadCliQ feature, radcliq_v0, radcliq_v1: [B]
     seconds: float
+    greedy_rewards: np.ndarray | None = None  # [B] the reward of each row's greedy report, when the rollout has them
 
 
 class ReportRewardScorer:
@@ -52,11 +53,23 @@ class ReportRewardScorer:
         the learner and counted)."""
         start = time.perf_counter()
         scores = self.radcliq.score(rollout.reports, rollout.references)
+        rewards = self._rewards(scores, rollout.reports, rollout.references)
+        greedy = None
+        if rollout.greedy is not None:  # one score per distinct (greedy report, reference), given to its rows
+            pairs = list(dict.fromkeys(zip(rollout.greedy, rollout.references)))
+            scored = dict(zip(pairs, self.rewards([p[0] for p in pairs], [p[1] for p in pairs])))
+            greedy = np.array([scored[pair] for pair in zip(rollout.greedy, rollout.references)])
+        return ScoredReports(self.name, rewards, scores, time.perf_counter() - start, greedy)
+
+    def rewards(self, candidates: list[str], references: list[str]) -> np.ndarray:
+        """The training reward of each report (what CQRL's validation selection averages)."""
+        scores = self.radcliq.score(candidates, references) if self.name == "radcliq" else {}
+        return self._rewards(scores, candidates, references)
+
+    def _rewards(self, scores: dict[str, np.ndarray], candidates: list[str], references: list[str]) -> np.ndarray:
         if self.name == "radcliq":
-            rewards = self.empty_radcliq - scores[f"radcliq_{self.version}"]
-        else:
-            rewards = np.array([sentence_bleu4(c, r) for c, r in zip(rollout.reports, rollout.references)])
-        return ScoredReports(self.name, rewards, scores, time.perf_counter() - start)
+            return self.empty_radcliq - scores[f"radcliq_{self.version}"]
+        return np.array([sentence_bleu4(c, r) for c, r in zip(candidates, references)])
 
     def evaluate(self, candidates: list[str], references: list[str]) -> dict[str, np.ndarray]:
         """Per report: every RadCliQ feature and RadCliQ v0 / v1."""

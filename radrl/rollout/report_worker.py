@@ -44,6 +44,7 @@ class ReportRollout:
     references: tuple[str, ...]  # ground truth
     weight_version: int
     seconds: dict[str, float]
+    greedy: tuple[str, ...] | None = None  # each row's image's greedy report (learner.rrg_advantage 'greedy')
 
 
 def concat_report_trajectories(parts: list[ReportTrajectory]) -> ReportTrajectory:
@@ -108,9 +109,17 @@ class ReportRolloutWorker:
             ref_log_probs = generator.token_log_probs(prompts, tokens, mask)
         seconds["reference"] = time.perf_counter() - start
         texts = tuple(generator.decode(tokens, mask))
+        greedy = None
+        if self.cfg.learner.rrg_advantage == "greedy":  # the self-critical baseline: once per image, given to its rows
+            start = time.perf_counter()
+            first = {g: row for row, g in reversed(list(enumerate(groups)))}
+            decoded = dict(zip(first, generator.decode(*generator.generate(
+                prompts[list(first.values())], greedy=True))))
+            greedy = tuple(decoded[g] for g in groups)
+            seconds["greedy"] = time.perf_counter() - start
         trajectory = ReportTrajectory(pixels.cpu(), tokens.cpu(), mask.cpu(), log_probs.cpu(), ref_log_probs.cpu(),
                                       tuple(references), tuple(int(g) for g in groups), self.weight_version)
-        return trajectory, ReportRollout(texts, tuple(references), self.weight_version, seconds)
+        return trajectory, ReportRollout(texts, tuple(references), self.weight_version, seconds, greedy)
 
     @torch.no_grad()
     def sampled_reports(self, images, seed: int) -> list[str]:
