@@ -198,6 +198,10 @@ class Resources(Section):
 class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1, description="rollout worker actors: a speed knob only; what an iteration "
                                                  "samples and trains does not depend on it")
+    report_temperature: float = Field(
+        1.0, gt=0, description="rrg: CQRL samples reports from softmax(logits / T); the PPO ratio, the KL to the "
+                               "reference (tempered alike) and the entropy are the tempered policy's. T < 1 samples "
+                               "near greedy decoding. Evaluation samples at T = 1 whatever this is")
     per_iteration: int | None = Field(
         None, ge=1, description="trajectories sampled per iteration (CXRL: images, LM-RRG: sampled reports), for "
                                 "any num_workers; None = batch_size")

@@ -175,16 +175,34 @@ def test_unmentioned_observations_train_the_disease_head_as_negatives_unless_ign
     assert losses["negative"] == pytest.approx((bce_pos + 13 * bce_neg) / 14, rel=1e-5)
 
 
-def test_recomputed_token_log_probs_equal_the_sampled_ones():
-    learner, worker = rl_stage(config())
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_recomputed_token_log_probs_equal_the_sampled_ones(temperature):
+    learner, worker = rl_stage(config(**{"rollout.report_temperature": temperature}))
     trajectory, rollout = worker.sample(images().numpy(), REPORTS, GROUPS, seed=3)
     assert len(rollout.reports) == 4 and trajectory.weight_version == 0
     generator = learner.policy.generator
+    prompts = generator.frozen_prompts(trajectory.images)
     with torch.no_grad():
-        again = generator.token_log_probs(generator.frozen_prompts(trajectory.images), trajectory.tokens, trajectory.mask)
+        again = generator.token_log_probs(prompts, trajectory.tokens, trajectory.mask, temperature=temperature)
+        plain = generator.token_log_probs(prompts, trajectory.tokens, trajectory.mask)
     assert torch.allclose((again - trajectory.log_probs).exp(), torch.ones_like(again), atol=1e-6)
     # a fresh RL LoRA starts at zero: the policy is the reference
     assert torch.allclose(trajectory.log_probs, trajectory.ref_log_probs, atol=1e-5)
+    if temperature != 1.0:  # by hand: log softmax(z / T) = z/T − logsumexp(z/T), from the T = 1 log-probs' logits
+        assert not torch.allclose(again, plain, atol=1e-3)
+        tokens, mask = trajectory.tokens, trajectory.mask
+        prompts_only, condition = generator._split_condition(prompts)
+        with torch.no_grad(), generator._conditioned(condition):
+            words = generator.decoder.get_input_embeddings()(tokens)
+            embeddings = torch.cat([prompts_only, words], dim=1)
+            attention = torch.cat([torch.ones(prompts_only.shape[:2]), mask], dim=1)
+            logits = generator.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
+        z = logits[:, prompts_only.shape[1] - 1:-1].float() / temperature
+        expected = (z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)) * mask
+        assert torch.allclose(again, expected, atol=1e-5)
+        # and the sampler draws from that distribution: T → 0 is greedy decoding
+        cold, cold_mask = generator.generate(prompts, greedy=False, generator_seed=0, temperature=1e-4)
+        assert generator.decode(cold, cold_mask) == generator.decode(*generator.generate(prompts, greedy=True))
 
 
 def test_supervised_stage_lowers_the_report_loss_on_pairs_it_sees():

@@ -263,7 +263,8 @@ class ReportLearner:
             for start in range(0, len(order), learner.batch_size):
                 index = order[start:start + learner.batch_size]
                 log_probs, entropy = generator.token_log_probs(prompts[index], tokens[index], mask[index],
-                                                               with_entropy=True)
+                                                               with_entropy=True,
+                                                               temperature=self.cfg.rollout.report_temperature)
                 loss, info = ppo_loss(log_probs, old[index], ref[index], mask[index], advantages[index],
                                       weights[index], learner.clip_range, token_norm)
                 self.optimizer.zero_grad(set_to_none=True)

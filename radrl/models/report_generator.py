@@ -417,9 +417,11 @@ class ReportGenerator(nn.Module):
                 for row, keep in zip(tokens, mask)]
 
     def token_log_probs(self, prompts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                        with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                        with_entropy: bool = False, temperature: float = 1.0
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """log p(token_t | prompt, tokens_<t) for every report token, teacher-forced → [B, T] (0 where masked);
-        with_entropy: also the entropy of each position's next-token distribution [B, T] (not masked)."""
+        with_entropy: also the entropy of each position's next-token distribution [B, T] (not masked). At
+        `temperature` T: the distribution softmax(logits / T) that `generate` samples at T."""
         prompts, condition = self._split_condition(prompts)
         with self._conditioned(condition):
             words = self.decoder.get_input_embeddings()(tokens)
@@ -427,7 +429,7 @@ class ReportGenerator(nn.Module):
         attention = torch.cat([torch.ones(prompts.shape[:2], device=mask.device), mask], dim=1)
         logits = self.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
         # the logit at position p predicts position p + 1: the report's tokens are predicted from P − 1 on
-        logits = logits[:, prompts.shape[1] - 1:-1].float()
+        logits = logits[:, prompts.shape[1] - 1:-1].float() / temperature
         all_log_probs = torch.log_softmax(logits, dim=-1)
         log_probs = all_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
         if with_entropy:
@@ -435,10 +437,10 @@ class ReportGenerator(nn.Module):
         return log_probs
 
     @torch.no_grad()
-    def generate(self, prompts: torch.Tensor, greedy: bool, generator_seed: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """From prompt embeddings [B, P, H]: sample (temperature 1, no top-k/top-p: the policy's own
-        distribution) or greedy-decode reports. Returns (tokens [B, T], mask [B, T]); the mask covers
+    def generate(self, prompts: torch.Tensor, greedy: bool, generator_seed: int | None = None,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """From prompt embeddings [B, P, H]: sample (at `temperature`, 1 by default; no top-k/top-p: the policy's
+        own distribution) or greedy-decode reports. Returns (tokens [B, T], mask [B, T]); the mask covers
         the report and its EOS."""
         if generator_seed is not None:
             torch.manual_seed(generator_seed)  # transformers' sampler draws from the global generator
@@ -449,7 +451,8 @@ class ReportGenerator(nn.Module):
             tokens = self.decoder.generate(
                 inputs_embeds=prompts.to(self.decoder_dtype),
                 attention_mask=torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device),
-                max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None, temperature=None,
+                max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None,
+                temperature=None if greedy or temperature == 1.0 else temperature,
                 num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id,
             )
         ended = (tokens == eos).long()

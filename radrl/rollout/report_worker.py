@@ -101,12 +101,13 @@ class ReportRolloutWorker:
         start = time.perf_counter()
         pixels = self._images(images)
         prompts = generator.frozen_prompts(pixels)
-        tokens, mask = generator.generate(prompts, greedy=False, generator_seed=seed)
-        log_probs = generator.token_log_probs(prompts, tokens, mask)
+        temperature = self.cfg.rollout.report_temperature  # the tempered policy: sampled, scored and trained alike
+        tokens, mask = generator.generate(prompts, greedy=False, generator_seed=seed, temperature=temperature)
+        log_probs = generator.token_log_probs(prompts, tokens, mask, temperature=temperature)
         seconds = {"policy": time.perf_counter() - start}
         start = time.perf_counter()
         with self.policy.reference():
-            ref_log_probs = generator.token_log_probs(prompts, tokens, mask)
+            ref_log_probs = generator.token_log_probs(prompts, tokens, mask, temperature=temperature)
         seconds["reference"] = time.perf_counter() - start
         texts = tuple(generator.decode(tokens, mask))
         greedy = None
