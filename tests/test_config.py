@@ -33,7 +33,9 @@ def test_no_shipped_config_falls_back_to_batch_normalised_advantages(path):
     if cfg.task == "rrg":  # one image's reports are one group, all sampled in one batch
         assert samples >= 2 and cfg.rollout.batch_size % samples == 0
         groups = [i // samples for i in range(cfg.rollout.batch_size)]
-        assert group_advantages([float(i) for i in range(len(groups))], groups, cfg.learner.rrg_advantage).shape
+        rewards = [float(i) for i in range(len(groups))]
+        greedy = [0.5] * len(groups) if cfg.learner.rrg_advantage == "greedy" else None  # each image's greedy report
+        assert group_advantages(rewards, groups, cfg.learner.rrg_advantage, greedy).shape
     elif cfg.learner.per_prompt_stats:  # the tracker normalises per report only once it holds stat_min_count
         assert cfg.learner.stat_min_count <= samples
 

@@ -38,7 +38,7 @@ from radrl.reward_actors.radcliq import FEATURES
 log = logging.getLogger("radrl")
 
 REWARD = "reward/{name}"  # the training reward (higher is better)
-CURVES = ("reward/radcliq", "reward/bleu4", "radcliq/v1", "ppo/kl", "ppo/entropy", "ppo/lambda_kl")
+CURVES = ("reward/radcliq", "reward/bleu4", "reward/greedy", "radcliq/v1", "ppo/kl", "ppo/entropy", "ppo/lambda_kl")
 METRICS = ("bleu4", "meteor", "rouge_l", "ce_precision", "ce_recall", "ce_f1", "radcliq_v0", "radcliq_v1", *FEATURES)
 SAMPLE_REPORTS = 5  # held-out examples written to samples.md
 ATTENTION_IMAGES = 4  # held-out images in region_attention.png
