@@ -1,9 +1,10 @@
 """LM-RRG's CQRL pieces that are plain math: group advantages, the adaptive KL weight and the PPO loss.
 
-The algorithm is critic-free, group-baseline PPO: each image's reports sampled in one iteration form
-a group, a report's advantage is its reward minus a baseline from the other reports of its group,
-and the clipped PPO surrogate and a KL penalty to the frozen reference train the policy. The
-paper's PPO is not specified further; it has no value head here (see the README).
+The algorithm is critic-free PPO with a per-image baseline: each image's reports sampled in one iteration
+form a group, a report's advantage is its reward minus a baseline from the same image (the other reports
+of its group, or its greedy report: self-critical), and the clipped PPO surrogate and a KL penalty to the
+frozen reference train the policy. The paper's PPO is not specified further; it has no value head here
+(see the README).
 """
 
 from __future__ import annotations
