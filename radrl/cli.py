@@ -160,8 +160,9 @@ def _load_config(path: Path | None, overrides: list[str]):
 def evaluate(
     path: Annotated[Path | None, typer.Argument(help="YAML config of the run (default: the checkpoint's own config, "
                                                      "else configs/cxrl_tiny.yaml)")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="a run folder (its latest checkpoint) or a checkpoint folder; "
-                                                        "cxrl without it: the anchor alone")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="a run folder (the checkpoint its run kept, else its "
+                                                             "latest) or a checkpoint folder; cxrl without it: the "
+                                                             "anchor alone")] = None,
     model: Annotated[list[str] | None, typer.Option(help="what to evaluate (repeatable): cxrl anchor/policy, "
                                                          "rrg supervised/policy; default both")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default <run_dir>/eval/<checkpoint>)")] = None,
@@ -225,7 +226,8 @@ def train_posture(
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="a run folder (its latest checkpoint) or a checkpoint folder")],
+    run: Annotated[Path, typer.Argument(help="a run folder (the checkpoint its run kept, else its latest) or a "
+                                             "checkpoint folder")],
     out: Annotated[Path | None, typer.Option(help="output folder (default <run>/export)")] = None,
     merged: Annotated[bool, typer.Option(help="LM-RRG: also write the decoder with the LoRA merged in")] = False,
 ) -> None:

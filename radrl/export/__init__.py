@@ -14,7 +14,7 @@ EXPORT_FILE = "export.json"  # what was exported, from which run, with its train
 
 
 def export_run(path: Path, out: Path | None = None, merged: bool = False) -> tuple[Path, dict]:
-    """Export a run folder's latest checkpoint (or the checkpoint folder given) to `out` (default
+    """Export a run folder's kept checkpoint, else its latest (or the checkpoint folder given), to `out` (default
     <run>/export); returns (out, what export.json holds)."""
     from radrl.eval.run import resolve_checkpoint
 

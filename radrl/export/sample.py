@@ -1,4 +1,4 @@
-"""`radrl sample`: a run (its latest checkpoint) or an export → images for reports (CXRL) or reports for images
+"""`radrl sample`: a run (the checkpoint it kept, else its latest) or an export → images for reports (CXRL) or reports for images
 (LM-RRG), as PNG/text files and a contact sheet.
 
 A CXRL run samples with radrl's own sampler and the evaluation's seeding, so `--anchor` shows the base model's
