@@ -109,6 +109,11 @@ class ReportGeneratorConfig(Section):
         "region_query", description="region blocks: each region prompt queries the image's patches (region_query), or "
                                     "the paper's form, patches querying one region key (its softmax over one key is "
                                     "1, so every patch gets the same region vector)")
+    region_prior: Literal["none", "atlas"] = Field(
+        "none", description="region_query only. atlas: each region's attention logits get log(0.02 + 0.98·overlap of "
+                            "the patch with the region's box on an upright PA film) (REGION_BOXES), so a region attends "
+                            "inside its own box and learns where within it; none: where to look is learnt from the "
+                            "report loss alone")
     region_grid: int = Field(0, ge=0, description="average-pool the patch grid to G × G before the region blocks "
                                                   "(0 = every patch); the paper's form costs K × a ViT pass")
     disease_prompt: Literal["off", "predicted", "teacher_forced"] = Field(
@@ -172,6 +177,10 @@ class ReportGeneratorConfig(Section):
         if self.disease_condition != "off" and self.disease_prompt == "off":
             raise ValueError("models.report_generator.disease_condition 'every_token' spreads the disease prompt's "
                              "findings over the report tokens; it needs disease_prompt on (got 'off')")
+        if self.region_prior == "atlas" and self.region_attention != "region_query":
+            raise ValueError("models.report_generator.region_prior 'atlas' biases the region queries' attention over "
+                             "the patches; the paper's form has no such attention (its softmax is over one key): set "
+                             "region_attention 'region_query' or region_prior 'none'")
         return self
 
 

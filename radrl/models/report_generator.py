@@ -4,7 +4,9 @@
     region text F_T^k = CLIP text tower on region k's prompt                [K, E]
     3 × region block, one of two forms (models.report_generator.region_attention):
       region_query (default)  region tokens R^k = W·F_T^k are the queries:  [B, K, D]
-        R = CA(LN(R), LN(F_I)) + R      each region attends over all N patches, several heads
+        R = CA(LN(R), LN(F_I)) + R      each region attends over all N patches, several heads (region_prior
+                                        'atlas': the attention logits get log(floor + overlap with the region's box
+                                        on an upright PA film), so "left lung" looks at the left lung's patches)
         R = SA(LN(R)) + R               regions attend to each other
         R = FFN(LN(R)) + R
       paper  (as the paper writes it; per region k, patches are the queries): [B·K, N, D]
@@ -85,6 +87,59 @@ REGION_PROMPTS: dict[str, str] = {
 }
 REGIONS = tuple(REGION_PROMPTS)
 
+# Where each region lies on an upright PA film, as a box (x0, y0, x1, y1) in fractions of the image's width and height
+# from its top-left corner (the patient's right on the image's left). Written for this project from standard PA
+# anatomy and matched to the embedded phantoms' layout (radrl/data/phantom.py: lungs at x = ±0.40 ± 0.34 and
+# y = −0.66 … 0.45, heart centred at (0.13, 0.24), in its [−1, 1] coordinates); used by region_prior 'atlas'.
+REGION_BOXES: dict[str, tuple[float, float, float, float]] = {
+    "right lung": (0.12, 0.16, 0.48, 0.74),
+    "right upper lung zone": (0.14, 0.18, 0.47, 0.36),
+    "right mid lung zone": (0.13, 0.36, 0.47, 0.54),
+    "right lower lung zone": (0.12, 0.54, 0.47, 0.72),
+    "right hilar structures": (0.32, 0.38, 0.46, 0.54),
+    "right apical zone": (0.18, 0.14, 0.44, 0.26),
+    "right costophrenic angle": (0.10, 0.62, 0.26, 0.78),
+    "right hemidiaphragm": (0.12, 0.64, 0.48, 0.78),
+    "left lung": (0.52, 0.16, 0.88, 0.76),
+    "left upper lung zone": (0.53, 0.18, 0.86, 0.36),
+    "left mid lung zone": (0.53, 0.36, 0.87, 0.54),
+    "left lower lung zone": (0.53, 0.54, 0.88, 0.74),
+    "left hilar structures": (0.54, 0.38, 0.68, 0.54),
+    "left apical zone": (0.56, 0.14, 0.82, 0.26),
+    "left costophrenic angle": (0.74, 0.64, 0.90, 0.80),
+    "left hemidiaphragm": (0.52, 0.66, 0.88, 0.80),
+    "trachea": (0.45, 0.04, 0.55, 0.38),
+    "spine": (0.44, 0.02, 0.56, 0.98),
+    "right clavicle": (0.14, 0.10, 0.48, 0.24),
+    "left clavicle": (0.52, 0.10, 0.86, 0.24),
+    "aortic arch": (0.52, 0.26, 0.62, 0.38),
+    "mediastinum": (0.40, 0.18, 0.64, 0.76),
+    "upper mediastinum": (0.42, 0.14, 0.58, 0.42),
+    "svc": (0.40, 0.24, 0.47, 0.46),
+    "cardiac silhouette": (0.39, 0.48, 0.75, 0.76),
+    "cavoatrial junction": (0.40, 0.44, 0.48, 0.54),
+    "right atrium": (0.38, 0.50, 0.48, 0.70),
+    "carina": (0.45, 0.34, 0.55, 0.44),
+    "abdomen": (0.08, 0.78, 0.92, 1.00),
+}
+PRIOR_FLOOR = 0.02  # region_prior 'atlas': a patch outside a region's box keeps 2 % of the weight of one inside
+
+
+def atlas_prior(regions: tuple[str, ...], side: int, floor: float = PRIOR_FLOOR) -> torch.Tensor:
+    """Attention logit biases [K, side²] for a side × side patch grid (row-major from the top-left): per region, the
+    log of floor + (1 − floor)·(the patch cell's overlap with the region's box ÷ the best cell's overlap). A patch
+    inside the box adds 0, one outside log(floor); the learnt attention decides within the box."""
+    edges = torch.linspace(0, 1, side + 1, dtype=torch.float64)
+    low, high = edges[:-1], edges[1:]
+    rows = []
+    for region in regions:
+        x0, y0, x1, y1 = REGION_BOXES[region]
+        width = (torch.minimum(high, torch.tensor(x1)) - torch.maximum(low, torch.tensor(x0))).clamp(min=0)
+        height = (torch.minimum(high, torch.tensor(y1)) - torch.maximum(low, torch.tensor(y0))).clamp(min=0)
+        overlap = torch.outer(height, width).flatten()  # [side²], row y, column x
+        rows.append(torch.log(floor + (1 - floor) * overlap / overlap.max()))
+    return torch.stack(rows).float()
+
 
 class RegionBlock(nn.Module):
     """The paper's form: patches attend to a region's text feature (one key), then to each other, then an FFN."""
@@ -116,12 +171,14 @@ class RegionQueryBlock(nn.Module):
         self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, regions: torch.Tensor, patches: torch.Tensor, with_attention: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, regions: torch.Tensor, patches: torch.Tensor, with_attention: bool = False,
+                prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """regions [B, K, D], patches [B, N, D] → (regions [B, K, D], with_attention: the head-mean attention over
-        patches [B, K, N], else None; asking for it leaves PyTorch's fused attention path, so only figures do)."""
+        patches [B, K, N], else None; asking for it leaves PyTorch's fused attention path, so only figures do).
+        prior: logit biases [K, N] added to every head's attention logits (region_prior 'atlas')."""
         keys = self.norm_patches(patches)
-        attended, attention = self.cross(self.norm_q(regions), keys, keys, need_weights=with_attention)
+        attended, attention = self.cross(self.norm_q(regions), keys, keys, need_weights=with_attention,
+                                         attn_mask=prior)
         x = regions + attended
         h = self.norm_sa(x)
         x = x + self.self_attn(h, h, h, need_weights=False)[0]
@@ -132,12 +189,15 @@ class VisualExtractor(nn.Module):
     """Frozen CLIP features → [global, region_1..K] features of the image's width D."""
 
     def __init__(self, clip: ImageReportClip, num_regions: int, num_blocks: int, region_grid: int = 0,
-                 region_attention: str = "region_query"):
+                 region_attention: str = "region_query", region_prior: str = "none"):
         super().__init__()
         if not 1 <= num_regions <= len(REGIONS):
             raise ValueError(f"models.report_generator.num_regions must be 1..{len(REGIONS)}, got {num_regions}")
         if region_attention not in ("region_query", "paper"):
             raise ValueError(f"region_attention must be 'region_query' or 'paper', got {region_attention!r}")
+        if region_prior not in ("none", "atlas") or (region_prior == "atlas" and region_attention != "region_query"):
+            raise ValueError(f"region_prior must be 'none' or 'atlas' (atlas only with region_attention "
+                             f"'region_query'), got {region_prior!r} with {region_attention!r}")
         self.region_grid, self.region_attention = region_grid, region_attention
         self.clip = clip.requires_grad_(False).eval()
         with torch.no_grad():  # the width of the patch features, and the region prompts (encoded once: they never change)
@@ -151,6 +211,11 @@ class VisualExtractor(nn.Module):
             self.region_in = nn.Linear(text.shape[-1], width)  # region prompt → its query token
             self.blocks = nn.ModuleList(RegionQueryBlock(width, heads) for _ in range(num_blocks))
         self.width, self.num_regions, self.num_patches = width, num_regions, count
+        side = region_grid or int(round(count ** 0.5))
+        if region_prior == "atlas" and side * side != (region_grid ** 2 if region_grid else count):
+            raise ValueError(f"region_prior 'atlas' needs a square patch grid; the CLIP gives {count} patches")
+        self.register_buffer("region_prior", atlas_prior(REGIONS[:num_regions], side) if region_prior == "atlas"
+                             else None, persistent=False)  # [K, G²] attention logit biases, or None
 
     def _pooled(self, patches: torch.Tensor) -> torch.Tensor:
         if self.region_grid:  # average-pool the patch grid first (the paper's form costs K × a ViT pass)
@@ -182,7 +247,7 @@ class VisualExtractor(nn.Module):
             regions = self.region_in(self.region_text).unsqueeze(0).expand(batch, -1, -1)
             maps = []
             for block in self.blocks:
-                regions, attention = block(regions, patches, with_attention)
+                regions, attention = block(regions, patches, with_attention, self.region_prior)
                 maps.append(attention)
             features = torch.cat([global_feature, regions], dim=1)
             return features, torch.stack(maps).mean(dim=0) if with_attention else None
@@ -201,9 +266,9 @@ class ReportGenerator(nn.Module):
                  vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0,
                  region_attention: str = "region_query", disease_prompt: str = "teacher_forced",
                  disease_unmentioned: str = "negative", disease_prompt_form: str = "tokens",
-                 disease_head_input: str = "regions", disease_condition: str = "off"):
+                 disease_head_input: str = "regions", disease_condition: str = "off", region_prior: str = "none"):
         super().__init__()
-        self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention)
+        self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention, region_prior)
         width = self.extractor.width
         layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
@@ -644,7 +709,7 @@ def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:
     return ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
                            rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
                            rg.region_attention, rg.disease_prompt, rg.disease_unmentioned, rg.disease_prompt_form,
-                           rg.disease_head_input, rg.disease_condition)
+                           rg.disease_head_input, rg.disease_condition, rg.region_prior)
 
 
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
