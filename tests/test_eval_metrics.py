@@ -140,3 +140,17 @@ def test_macro_ce_f1_averages_the_observations_with_five_positive_references():
     candidates = ["Cardiomegaly."] * 10 + ["The lungs are clear."] * 5
     assert ce_macro_f1(candidates, references) == pytest.approx(1 / 3)
     assert np.isnan(ce_macro_f1(candidates, references, min_positives=7))  # no observation has 7
+
+
+def test_attention_overlaps_by_hand():
+    from radrl.eval.region_attention import attention_overlaps
+    # 2 images × 3 regions × 4 patches
+    attention = np.array([[[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 1]],
+                          [[1, 0, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0, 1]]])
+    overlap = attention_overlaps(attention)
+    # image 0: pairs (0,1) 0.5, (0,2) 0, (1,2) 0; image 1: 0, 0, 0.5 → mean 1/6
+    assert overlap["between_regions"] == pytest.approx(1 / 6)
+    # region 0: 1, region 1: 0, region 2: 1 → 2/3
+    assert overlap["between_images"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="≥ 2 images"):
+        attention_overlaps(attention[:1])

@@ -8,7 +8,8 @@ from radrl.config import load_config
 from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
 from radrl.learner.ppo_learner import ReportLearner
 from radrl.learner.ppo import group_advantages
-from radrl.models.report_generator import REGION_PROMPTS, RegionBlock, build_report_policy
+from radrl.data.phantom import render_phantom
+from radrl.models.report_generator import REGION_BOXES, REGION_PROMPTS, REGIONS, RegionBlock, build_report_policy
 from radrl.rollout.report_worker import ReportRolloutWorker
 
 REPORTS = ["Heart size is normal. No pleural effusion or pneumothorax.", "Moderate cardiomegaly. Small left effusion.",
@@ -69,6 +70,46 @@ def test_region_queries_attend_differently_by_region_and_by_image():
     assert torch.allclose(attention.sum(dim=-1), torch.ones(2, 29), atol=1e-5)
     assert (attention[0, 0] - attention[0, 8]).abs().max() > 1e-6  # right lung ≠ left lung, even untrained
     assert (features[0, 1:] - features[1, 1:]).abs().max() > 1e-3  # region features depend on the image
+
+
+@pytest.mark.parametrize("finding, regions", [
+    ("Pleural Effusion", ("right costophrenic angle", "left costophrenic angle")),
+    ("Pleural Effusion", ("right lower lung zone", "left lower lung zone")),
+    ("Cardiomegaly", ("cardiac silhouette",)),
+    ("Pneumothorax", ("right lung", "left lung")),
+])
+def test_atlas_boxes_hold_the_pixels_a_phantom_finding_changes(finding, regions):
+    """The atlas against the phantoms' own drawing: adding a finding to a seed changes only that finding's pixels,
+    and per pixel they change ≥ 3× as much inside the finding's regions' boxes as outside them."""
+    size = 128
+    inside = np.zeros((size, size), bool)
+    for region in regions:
+        x0, y0, x1, y1 = (round(v * size) for v in REGION_BOXES[region])
+        inside[y0:y1, x0:x1] = True
+    for seed in range(5):
+        change = np.abs(render_phantom([finding], size=size, seed=seed).astype(float)
+                        - render_phantom([], size=size, seed=seed))
+        assert change[inside].mean() > 3 * change[~inside].mean()
+
+
+def test_atlas_prior_keeps_each_region_inside_its_box_and_learns_where_within_it():
+    generator = build_report_policy(config(**{"models.report_generator.region_prior": "atlas"}), "cpu").generator
+    _, attention = generator.extractor.features_and_attention(images(2))
+    side = int(round(attention.shape[-1] ** 0.5))
+    grid = attention.reshape(2, 29, side, side)
+    halves = grid[..., : side // 2].sum(dim=(-2, -1)), grid[..., side // 2:].sum(dim=(-2, -1))
+    right_lung, left_lung = REGIONS.index("right lung"), REGIONS.index("left lung")
+    assert (halves[0][:, right_lung] > 0.9).all() and (halves[1][:, left_lung] > 0.9).all()  # patient's right = image left
+    assert (grid[:, REGIONS.index("abdomen"), side // 2:].sum(dim=(-2, -1)) > 0.9).all()  # below the diaphragm
+    assert (attention[0] - attention[1]).abs().max() > 1e-4  # within its box, each region's weights follow the image
+    bias = generator.extractor.region_prior
+    assert bias.shape == (29, side * side) and bias.max() == 0 and torch.isclose(bias.min(), torch.tensor(0.02).log())
+
+
+def test_atlas_prior_needs_region_queries():
+    with pytest.raises(ValueError, match="region_prior 'atlas'"):
+        config(**{"models.report_generator.region_prior": "atlas",
+                  "models.report_generator.region_attention": "paper"})
 
 
 def test_visual_features_one_global_and_one_per_region_and_regions_differ_by_prompt():

@@ -9,6 +9,21 @@ import numpy as np
 
 from radrl.models.report_generator import REGIONS
 
+def attention_overlaps(attention: np.ndarray) -> dict:
+    """How much the region attention maps [N, K, P] differ, as histogram intersections Σ_p min(a_p, b_p) (1: the
+    same map, 0: disjoint): between regions (each image's K(K − 1)/2 region pairs, averaged) and between images (each
+    region's N(N − 1)/2 image pairs, averaged). Regions that look at the same patches score ~1 between regions."""
+    attention = np.asarray(attention, dtype=np.float64)
+    n, k = attention.shape[:2]
+    if n < 2 or k < 2:
+        raise ValueError(f"attention_overlaps needs ≥ 2 images and ≥ 2 regions, got {n} and {k}")
+    rows, cols = np.triu_indices(k, 1)
+    between_regions = np.minimum(attention[:, rows], attention[:, cols]).sum(-1).mean()
+    rows, cols = np.triu_indices(n, 1)
+    between_images = np.minimum(attention[rows], attention[cols]).sum(-1).mean()
+    return {"between_regions": float(between_regions), "between_images": float(between_images), "images": n}
+
+
 SHOWN_REGIONS = ("right lung", "left lung", "cardiac silhouette", "right costophrenic angle", "left costophrenic angle")
 
 
@@ -27,7 +42,7 @@ def write_region_attention(images: np.ndarray, attention: np.ndarray, path: Path
             grid = attention[row, k].reshape(side, side)
             heat = np.kron(grid, np.ones((size // side, size // side)))
             axes[row, col].imshow(image[0], cmap="gray", vmin=0, vmax=1)
-            axes[row, col].imshow(heat, cmap="inferno", alpha=0.6)
+            axes[row, col].imshow(heat, cmap="inferno", alpha=0.6, vmin=0.0)  # dark = no attention
         if row == 0:
             for col, name in enumerate(("image", *regions)):
                 axes[0, col].set_title(name, fontsize=7)

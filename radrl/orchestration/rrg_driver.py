@@ -24,7 +24,7 @@ from radrl.data.labeler import label_reports
 from radrl.data.observations import Label
 from radrl.data.pairs import image_report_pairs, validation_split
 from radrl.data.report_pool import iteration_reports, repeat_factors
-from radrl.eval.region_attention import write_region_attention
+from radrl.eval.region_attention import attention_overlaps, write_region_attention
 from radrl.eval.rrg_eval import report_summary
 from radrl.eval.text_metrics import (MACRO_MIN_POSITIVES, ce_baselines, ce_f1_changes, ce_macro_f1, ce_per_observation,
                                     clinical_efficacy, nlg_and_ce, per_observation_scores)
@@ -42,6 +42,7 @@ CURVES = ("reward/radcliq", "reward/bleu4", "reward/greedy", "radcliq/v1", "ppo/
 METRICS = ("bleu4", "meteor", "rouge_l", "ce_precision", "ce_recall", "ce_f1", "radcliq_v0", "radcliq_v1", *FEATURES)
 SAMPLE_REPORTS = 5  # held-out examples written to samples.md
 ATTENTION_IMAGES = 4  # held-out images in region_attention.png
+OVERLAP_IMAGES = 64  # held-out images whose region attention maps results.json's region_attention_overlap compares
 
 
 class RRGTrainer:
@@ -433,14 +434,16 @@ class RRGTrainer:
         texts = [results[stage]["per_report"].get("texts") for stage in ("supervised", "cqrl")]
         if all(texts):  # (a supervised evaluation taken from a checkpoint written before texts were kept has none)
             results["ce_f1_change"] = ce_f1_changes(*texts, list(self.eval_set.reports))
+        measured = self.eval_set.images[:OVERLAP_IMAGES]
+        attention = self.get(self.roles.learner.region_attention.remote(measured))
+        if attention is not None:
+            results["region_attention_overlap"] = attention_overlaps(attention)
+            write_region_attention(measured[:ATTENTION_IMAGES], attention[:ATTENTION_IMAGES],
+                                   self.run_dir / "region_attention.png")
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         (self.run_dir / "results.md").write_text(format_results_table(results) + "\n\n" + format_samples(
             results, list(self.eval_set.reports)) + "\n")
         self.tracker.write_reward_curves(CURVES)  # only the curves this run logged are drawn
-        shown = self.eval_set.images[:ATTENTION_IMAGES]
-        attention = self.get(self.roles.learner.region_attention.remote(shown))
-        if attention is not None:
-            write_region_attention(shown, attention, self.run_dir / "region_attention.png")
         self.tracker.close()
         self.supervised_tracker.close()
 
@@ -550,6 +553,10 @@ def format_results_table(results: dict) -> str:
             head_f1 = f"{head[name]['f1']:.3f}" if name in head else ""
             lines.append(f"| {name} ({value['positives']}) | " + " | ".join(f"{c:.3f}" for c in cells)
                          + f" | {shown} | {head_f1} |")
+    if overlap := results.get("region_attention_overlap"):
+        lines += ["", f"Region attention over the patches ({overlap['images']} held-out images; histogram intersection, "
+                      f"1 = the same map): between regions {overlap['between_regions']:.3f}, between images "
+                      f"{overlap['between_images']:.3f}."]
     if skipped := results.get("skipped_pairs"):
         lines += ["", f"Data: skipped {skipped['train']} training and {skipped['test']} held-out image–report pairs "
                       "(unreadable image or empty report; the log names each)."]
