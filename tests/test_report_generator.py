@@ -102,8 +102,12 @@ def test_atlas_prior_keeps_each_region_inside_its_box_and_learns_where_within_it
     assert (halves[0][:, right_lung] > 0.9).all() and (halves[1][:, left_lung] > 0.9).all()  # patient's right = image left
     assert (grid[:, REGIONS.index("abdomen"), side // 2:].sum(dim=(-2, -1)) > 0.9).all()  # below the diaphragm
     assert (attention[0] - attention[1]).abs().max() > 1e-4  # within its box, each region's weights follow the image
-    bias = generator.extractor.region_prior
-    assert bias.shape == (29, side * side) and bias.max() == 0 and torch.isclose(bias.min(), torch.tensor(0.02).log())
+    inside = torch.isfinite(generator.extractor.region_prior)  # floor 0: patches outside a box are masked
+    assert inside.shape == (29, side * side) and generator.extractor.region_prior.max() == 0
+    assert torch.allclose((attention * inside).sum(-1), torch.ones(2, 29), atol=1e-5)
+    soft = build_report_policy(config(**{"models.report_generator.region_prior": "atlas",
+                                         "models.report_generator.region_prior_floor": 0.02}), "cpu").generator
+    assert torch.isclose(soft.extractor.region_prior.min(), torch.tensor(0.02).log())
 
 
 def test_atlas_prior_needs_region_queries():

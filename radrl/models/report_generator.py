@@ -6,7 +6,8 @@
       region_query (default)  region tokens R^k = W·F_T^k are the queries:  [B, K, D]
         R = CA(LN(R), LN(F_I)) + R      each region attends over all N patches, several heads (region_prior
                                         'atlas': the attention logits get log(floor + overlap with the region's box
-                                        on an upright PA film), so "left lung" looks at the left lung's patches)
+                                        on an upright PA film), so "left lung" looks at the left lung's patches;
+                                        floor 0, the default, masks every patch outside the box)
         R = SA(LN(R)) + R               regions attend to each other
         R = FFN(LN(R)) + R
       paper  (as the paper writes it; per region k, patches are the queries): [B·K, N, D]
@@ -122,13 +123,11 @@ REGION_BOXES: dict[str, tuple[float, float, float, float]] = {
     "carina": (0.45, 0.34, 0.55, 0.44),
     "abdomen": (0.08, 0.78, 0.92, 1.00),
 }
-PRIOR_FLOOR = 0.02  # region_prior 'atlas': a patch outside a region's box keeps 2 % of the weight of one inside
-
-
-def atlas_prior(regions: tuple[str, ...], side: int, floor: float = PRIOR_FLOOR) -> torch.Tensor:
+def atlas_prior(regions: tuple[str, ...], side: int, floor: float = 0.0) -> torch.Tensor:
     """Attention logit biases [K, side²] for a side × side patch grid (row-major from the top-left): per region, the
     log of floor + (1 − floor)·(the patch cell's overlap with the region's box ÷ the best cell's overlap). A patch
-    inside the box adds 0, one outside log(floor); the learnt attention decides within the box."""
+    inside the box adds 0, one outside log(floor) (−inf at floor 0: never attended); the learnt attention decides
+    within the box."""
     edges = torch.linspace(0, 1, side + 1, dtype=torch.float64)
     low, high = edges[:-1], edges[1:]
     rows = []
@@ -189,7 +188,7 @@ class VisualExtractor(nn.Module):
     """Frozen CLIP features → [global, region_1..K] features of the image's width D."""
 
     def __init__(self, clip: ImageReportClip, num_regions: int, num_blocks: int, region_grid: int = 0,
-                 region_attention: str = "region_query", region_prior: str = "none"):
+                 region_attention: str = "region_query", region_prior: str = "none", region_prior_floor: float = 0.0):
         super().__init__()
         if not 1 <= num_regions <= len(REGIONS):
             raise ValueError(f"models.report_generator.num_regions must be 1..{len(REGIONS)}, got {num_regions}")
@@ -214,7 +213,8 @@ class VisualExtractor(nn.Module):
         side = region_grid or int(round(count ** 0.5))
         if region_prior == "atlas" and side * side != (region_grid ** 2 if region_grid else count):
             raise ValueError(f"region_prior 'atlas' needs a square patch grid; the CLIP gives {count} patches")
-        self.register_buffer("region_prior", atlas_prior(REGIONS[:num_regions], side) if region_prior == "atlas"
+        self.register_buffer("region_prior", atlas_prior(REGIONS[:num_regions], side, region_prior_floor)
+                             if region_prior == "atlas"
                              else None, persistent=False)  # [K, G²] attention logit biases, or None
 
     def _pooled(self, patches: torch.Tensor) -> torch.Tensor:
@@ -266,9 +266,11 @@ class ReportGenerator(nn.Module):
                  vtrans_layers: int, instruction: str, max_new_tokens: int, region_grid: int = 0,
                  region_attention: str = "region_query", disease_prompt: str = "teacher_forced",
                  disease_unmentioned: str = "negative", disease_prompt_form: str = "tokens",
-                 disease_head_input: str = "regions", disease_condition: str = "off", region_prior: str = "none"):
+                 disease_head_input: str = "regions", disease_condition: str = "off", region_prior: str = "none",
+                 region_prior_floor: float = 0.0):
         super().__init__()
-        self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention, region_prior)
+        self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention, region_prior,
+                                         region_prior_floor)
         width = self.extractor.width
         layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
@@ -709,7 +711,7 @@ def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:
     return ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
                            rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
                            rg.region_attention, rg.disease_prompt, rg.disease_unmentioned, rg.disease_prompt_form,
-                           rg.disease_head_input, rg.disease_condition, rg.region_prior)
+                           rg.disease_head_input, rg.disease_condition, rg.region_prior, rg.region_prior_floor)
 
 
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
