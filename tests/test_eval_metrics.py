@@ -154,3 +154,15 @@ def test_attention_overlaps_by_hand():
     assert overlap["between_images"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="≥ 2 images"):
         attention_overlaps(attention[:1])
+
+
+def test_attention_in_boxes_counts_the_mass_on_each_regions_atlas_box():
+    from radrl.eval.region_attention import attention_in_boxes
+    from radrl.models.report_generator import REGIONS
+    # every region looks at one patch of an 8 × 8 grid: row 3, column 1, i.e. x 0.125-0.25, y 0.375-0.5
+    attention = np.zeros((1, 3, 64))
+    attention[0, :, 3 * 8 + 1] = 1.0
+    # right lung (x 0.12-0.48, y 0.16-0.74): inside; right upper zone (y 0.18-0.36): not; right mid zone
+    # (y 0.36-0.54): inside → 2 of 3
+    assert REGIONS[:3] == ("right lung", "right upper lung zone", "right mid lung zone")
+    assert attention_in_boxes(attention) == pytest.approx(2 / 3)

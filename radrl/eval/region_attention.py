@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from radrl.models.report_generator import REGIONS
+from radrl.models.report_generator import REGIONS, atlas_prior
 
 def attention_overlaps(attention: np.ndarray) -> dict:
     """How much the region attention maps [N, K, P] differ, as histogram intersections Σ_p min(a_p, b_p) (1: the
@@ -21,7 +21,20 @@ def attention_overlaps(attention: np.ndarray) -> dict:
     between_regions = np.minimum(attention[:, rows], attention[:, cols]).sum(-1).mean()
     rows, cols = np.triu_indices(n, 1)
     between_images = np.minimum(attention[rows], attention[cols]).sum(-1).mean()
-    return {"between_regions": float(between_regions), "between_images": float(between_images), "images": n}
+    overlaps = {"between_regions": float(between_regions), "between_images": float(between_images), "images": n}
+    side = int(round(attention.shape[-1] ** 0.5))
+    if side * side == attention.shape[-1] and k <= len(REGIONS):
+        overlaps["in_box"] = attention_in_boxes(attention)
+    return overlaps
+
+
+def attention_in_boxes(attention: np.ndarray) -> float:
+    """The share of each region's attention [N, K, P] (P = G × G patches) that falls on its atlas box (REGION_BOXES:
+    the patches that overlap the box by at least half as much as its best patch), averaged over images and regions.
+    Attention spread evenly would score each box's share of the grid: 0.03–0.19 for the lungs' and smaller boxes."""
+    side = int(round(attention.shape[-1] ** 0.5))
+    inside = (atlas_prior(REGIONS[:attention.shape[1]], side) > np.log(0.5)).numpy()
+    return float((np.asarray(attention) * inside[None]).sum(-1).mean())
 
 
 SHOWN_REGIONS = ("right lung", "left lung", "cardiac silhouette", "right costophrenic angle", "left costophrenic angle")

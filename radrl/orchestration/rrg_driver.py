@@ -556,7 +556,9 @@ def format_results_table(results: dict) -> str:
     if overlap := results.get("region_attention_overlap"):
         lines += ["", f"Region attention over the patches ({overlap['images']} held-out images; histogram intersection, "
                       f"1 = the same map): between regions {overlap['between_regions']:.3f}, between images "
-                      f"{overlap['between_images']:.3f}."]
+                      f"{overlap['between_images']:.3f}"
+                      + (f"; share inside each region's atlas box {overlap['in_box']:.3f}." if "in_box" in overlap
+                         else ".")]
     if skipped := results.get("skipped_pairs"):
         lines += ["", f"Data: skipped {skipped['train']} training and {skipped['test']} held-out image–report pairs "
                       "(unreadable image or empty report; the log names each)."]
