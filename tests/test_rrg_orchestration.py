@@ -67,6 +67,9 @@ def test_in_process_rrg_run_writes_both_stages_and_the_table(tmp_path):
     assert all(np.isnan(v["f1"]) or 0 <= v["f1"] <= 1 for v in head.values())
     assert set(results["ce_f1_change"]) >= {"Pleural Effusion", "Cardiomegaly"}
     assert (tmp_path / "reward_curves.png").is_file() and (tmp_path / "region_attention.png").is_file()
+    overlap = results["region_attention_overlap"]  # the region maps compared on the held-out images
+    assert 0 <= overlap["between_regions"] <= 1 and 0 <= overlap["in_box"] <= 1 and overlap["images"] >= 2
+    assert "Region attention over the patches" in table
 
 
 @pytest.mark.slow

@@ -437,7 +437,8 @@ class RRGTrainer:
         measured = self.eval_set.images[:OVERLAP_IMAGES]
         attention = self.get(self.roles.learner.region_attention.remote(measured))
         if attention is not None:
-            results["region_attention_overlap"] = attention_overlaps(attention)
+            if min(attention.shape[:2]) >= 2:  # two images and two regions to compare
+                results["region_attention_overlap"] = attention_overlaps(attention)
             write_region_attention(measured[:ATTENTION_IMAGES], attention[:ATTENTION_IMAGES],
                                    self.run_dir / "region_attention.png")
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
