@@ -116,8 +116,7 @@ class ReportGeneratorConfig(Section):
                             "learnt from the report loss alone")
     region_prior_floor: float = Field(
         0.0, ge=0.0, lt=1.0, description="region_prior atlas: the weight a patch outside a region's box keeps against "
-                                         "one inside (0: masked; at 0.02 trained regions put 55-60 % of their "
-                                         "attention outside their boxes)")
+                                         "one inside (0: masked)")
     region_grid: int = Field(0, ge=0, description="average-pool the patch grid to G × G before the region blocks "
                                                   "(0 = every patch); the paper's form costs K × a ViT pass")
     disease_prompt: Literal["off", "predicted", "teacher_forced"] = Field(

@@ -6,9 +6,9 @@ import torch
 
 from radrl.config import load_config
 from radrl.data.observations import CHEXPERT_OBSERVATIONS, Label
+from radrl.data.phantom import render_phantom
 from radrl.learner.ppo_learner import ReportLearner
 from radrl.learner.ppo import group_advantages
-from radrl.data.phantom import render_phantom
 from radrl.models.report_generator import REGION_BOXES, REGION_PROMPTS, REGIONS, RegionBlock, build_report_policy
 from radrl.rollout.report_worker import ReportRolloutWorker
 

@@ -5,9 +5,10 @@
     3 × region block, one of two forms (models.report_generator.region_attention):
       region_query (default)  region tokens R^k = W·F_T^k are the queries:  [B, K, D]
         R = CA(LN(R), LN(F_I)) + R      each region attends over all N patches, several heads (region_prior
-                                        'atlas': the attention logits get log(floor + overlap with the region's box
-                                        on an upright PA film), so "left lung" looks at the left lung's patches;
-                                        floor 0, the default, masks every patch outside the box)
+                                        'atlas': the attention logits get log(floor + (1 − floor)·the patch's
+                                        overlap with the region's box on an upright PA film, ÷ the best patch's),
+                                        so "left lung" looks at the left lung's patches; floor 0, the default,
+                                        masks every patch outside the box)
         R = SA(LN(R)) + R               regions attend to each other
         R = FFN(LN(R)) + R
       paper  (as the paper writes it; per region k, patches are the queries): [B·K, N, D]
@@ -123,6 +124,8 @@ REGION_BOXES: dict[str, tuple[float, float, float, float]] = {
     "carina": (0.45, 0.34, 0.55, 0.44),
     "abdomen": (0.08, 0.78, 0.92, 1.00),
 }
+
+
 def atlas_prior(regions: tuple[str, ...], side: int, floor: float = 0.0) -> torch.Tensor:
     """Attention logit biases [K, side²] for a side × side patch grid (row-major from the top-left): per region, the
     log of floor + (1 − floor)·(the patch cell's overlap with the region's box ÷ the best cell's overlap). A patch
@@ -210,9 +213,10 @@ class VisualExtractor(nn.Module):
             self.region_in = nn.Linear(text.shape[-1], width)  # region prompt → its query token
             self.blocks = nn.ModuleList(RegionQueryBlock(width, heads) for _ in range(num_blocks))
         self.width, self.num_regions, self.num_patches = width, num_regions, count
-        side = region_grid or int(round(count ** 0.5))
-        if region_prior == "atlas" and side * side != (region_grid ** 2 if region_grid else count):
+        side = int(round(count ** 0.5))
+        if region_prior == "atlas" and side * side != count:
             raise ValueError(f"region_prior 'atlas' needs a square patch grid; the CLIP gives {count} patches")
+        side = region_grid or side  # the grid the region blocks see
         self.register_buffer("region_prior", atlas_prior(REGIONS[:num_regions], side, region_prior_floor)
                              if region_prior == "atlas"
                              else None, persistent=False)  # [K, G²] attention logit biases, or None
