@@ -40,6 +40,7 @@ off" is the supervised model: the frozen reference G_ref of CQRL, with no second
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -628,18 +629,22 @@ class ReportPolicy(nn.Module):
             nn.Module.to(generator.extractor.clip, self.low_precision)
         if cfg.models.report_generator.supervised_decoder == "lora":
             self._freeze_decoder_precision()
-            generator.decoder = get_peft_model(generator.decoder, self._lora())  # adapters in fp32 (peft's autocast)
+            generator.decoder = self._with_lora(generator.decoder)  # adapters in fp32 (peft's autocast)
 
     def _freeze_decoder_precision(self) -> None:
         """Store the (frozen) decoder in the configured precision, before a LoRA goes on it."""
         if self.low_precision != torch.float32:
             self.generator.decoder.to(self.low_precision)
 
-    def _lora(self) -> LoraConfig:
+    def _with_lora(self, decoder: nn.Module) -> nn.Module:
+        """The decoder wrapped in a fresh LoRA (learner.lora_rank / lora_alpha on decoder_lora_targets)."""
         learner = self.cfg.learner
-        return LoraConfig(r=learner.lora_rank, lora_alpha=learner.lora_alpha, lora_dropout=0.0,
+        lora = LoraConfig(r=learner.lora_rank, lora_alpha=learner.lora_alpha, lora_dropout=0.0,
                           target_modules=list(self.cfg.models.report_generator.decoder_lora_targets),
                           init_lora_weights=True)
+        with warnings.catch_warnings():  # peft probes transformers' deprecated is_gradient_checkpointing: not ours
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(decoder, lora)
 
     def _supervised_named(self) -> dict[str, torch.Tensor]:
         named = {n: p for n, p in self.generator.named_parameters()
@@ -671,7 +676,7 @@ class ReportPolicy(nn.Module):
             self.generator.decoder = self.generator.decoder.merge_and_unload()
         self.generator.requires_grad_(False)
         self._freeze_decoder_precision()
-        self.generator.decoder = get_peft_model(self.generator.decoder, self._lora())
+        self.generator.decoder = self._with_lora(self.generator.decoder)
         self.stage = "rl"
 
     def rl_parameters(self) -> list[nn.Parameter]:
