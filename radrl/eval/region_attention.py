@@ -18,15 +18,22 @@ def attention_overlaps(attention: np.ndarray) -> dict:
     n, k = attention.shape[:2]
     if n < 2 or k < 2:
         raise ValueError(f"attention_overlaps needs ≥ 2 images and ≥ 2 regions, got {n} and {k}")
-    rows, cols = np.triu_indices(k, 1)
-    between_regions = np.minimum(attention[:, rows], attention[:, cols]).sum(-1).mean()
-    rows, cols = np.triu_indices(n, 1)
-    between_images = np.minimum(attention[rows], attention[cols]).sum(-1).mean()
-    overlaps = {"between_regions": float(between_regions), "between_images": float(between_images), "images": n}
+    overlaps = {"between_regions": _mean_pairwise_intersection(attention.transpose(1, 0, 2)),
+                "between_images": _mean_pairwise_intersection(attention), "images": n}
     side = int(round(attention.shape[-1] ** 0.5))
     if side * side == attention.shape[-1]:
         overlaps["in_box"] = attention_in_boxes(attention)
     return overlaps
+
+
+def _mean_pairwise_intersection(maps: np.ndarray) -> float:
+    """Σ_p min(a_p, b_p) averaged over every pair of rows of maps [M, …, P] along its first axis (and over the rest);
+    one row against the later ones at a time, so memory stays at one row's pairs (real size: 196 patches)."""
+    total, count = 0.0, 0
+    for i in range(len(maps) - 1):
+        intersections = np.minimum(maps[i], maps[i + 1:]).sum(-1)
+        total, count = total + intersections.sum(), count + intersections.size
+    return float(total / count)
 
 
 def attention_in_boxes(attention: np.ndarray) -> float:
