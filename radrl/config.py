@@ -155,6 +155,11 @@ class ReportGeneratorConfig(Section):
                            "(present / absent), mixed like the prompt, is added to the input embedding of every "
                            "report token, so the decoder reads the findings at each step without attending back "
                            "to the prompt (needs disease_prompt on)")
+    findings_guidance: float = Field(
+        0.0, ge=0, description="γ: classifier-free guidance on the findings. The policy's next-token logits become "
+                               "ℓ_f + γ·(ℓ_f − ℓ_∅), ℓ_∅ from the same image's prompt with every finding absent, "
+                               "in sampling, greedy decoding and the RL stage's log-probs (one decoder pass of "
+                               "twice the batch); the supervised stage fits ℓ_f (needs disease_prompt on)")
     disease_head_input: Literal["regions", "patches"] = Field(
         "regions", description="what the disease head's linear map reads: the VTrans features [global, regions], "
                                "flattened, or the frozen CLIP patch grid, flattened (every patch in place)")
@@ -180,6 +185,10 @@ class ReportGeneratorConfig(Section):
         if self.disease_condition != "off" and self.disease_prompt == "off":
             raise ValueError("models.report_generator.disease_condition 'every_token' spreads the disease prompt's "
                              "findings over the report tokens; it needs disease_prompt on (got 'off')")
+        if self.findings_guidance > 0 and self.disease_prompt == "off":
+            raise ValueError("models.report_generator.findings_guidance contrasts the disease prompt with a no-findings "
+                             "prompt; it needs disease_prompt on (got 'off'): set findings_guidance 0 or turn the "
+                             "disease prompt on")
         if self.region_prior == "atlas" and self.region_attention != "region_query":
             raise ValueError("models.report_generator.region_prior 'atlas' biases the region queries' attention over "
                              "the patches; the paper's form has no such attention (its softmax is over one key): set "

@@ -236,7 +236,7 @@ def test_recomputed_token_log_probs_equal_the_sampled_ones(temperature):
     if temperature != 1.0:  # by hand: log softmax(z / T) = z/T − logsumexp(z/T), from the T = 1 log-probs' logits
         assert not torch.allclose(again, plain, atol=1e-3)
         tokens, mask = trajectory.tokens, trajectory.mask
-        prompts_only, condition = generator._split_condition(prompts)
+        prompts_only, condition, _ = generator._streams(prompts)
         with torch.no_grad(), generator._conditioned(condition):
             words = generator.decoder.get_input_embeddings()(tokens)
             embeddings = torch.cat([prompts_only, words], dim=1)
@@ -595,6 +595,93 @@ def test_disease_condition_starts_at_zero_and_sampled_log_probs_recompute_exactl
 
 
 def test_disease_condition_needs_a_disease_prompt():
-    with pytest.raises(ValueError, match="disease_prompt"):
+    with pytest.raises(ValueError, match="disease_condition 'every_token' spreads"):
         config(**{"models.report_generator.disease_condition": "every_token",
-                  "models.report_generator.disease_prompt": "off"})
+                  "models.report_generator.disease_prompt": "'off'"})
+
+
+def guided_generator(guidance=2.0, seed=0):
+    """condition_generator's model with findings guidance γ."""
+    cfg = config(**{"models.report_generator.disease_condition": "every_token",
+                    "models.report_generator.disease_prompt_form": "words",
+                    "models.report_generator.findings_guidance": guidance})
+    generator = build_report_policy(cfg, "cpu").generator.eval()
+    with torch.no_grad():
+        generator.disease_condition.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+    return generator
+
+
+def test_findings_guidance_prompts_carry_a_no_findings_stream_in_generation_only():
+    generator = guided_generator()
+    rows = 30 + len(generator.disease_word_ids) + len(generator.instruction_ids) + 1
+    labels = torch.zeros(2, 14, dtype=torch.long)
+    labels[:, CHEXPERT_OBSERVATIONS.index("Cardiomegaly")] = Label.POSITIVE
+    with torch.no_grad():
+        features = generator.visual_features(images(2))
+        taught = generator.prompt_embeddings(features, labels)  # the supervised stage's: one stream
+        prompts = generator.prompt_embeddings(features)
+    assert taught.shape[1] == rows and prompts.shape[1] == 2 * rows
+    u = generator.disease_condition
+    assert torch.allclose(prompts[:, -1], u[1].sum(dim=0).expand(2, -1), atol=1e-6)  # every finding absent
+    assert torch.allclose(prompts[:, rows:rows + 30], prompts[:, :30])  # the same image
+    decided = generator.disease_decisions(images(2)).float().unsqueeze(-1)
+    assert torch.allclose(prompts[:, rows - 1], (decided * u[0] + (1 - decided) * u[1]).sum(dim=1), atol=1e-6)
+    with pytest.raises(ValueError, match="rows"):
+        generator.token_log_probs(prompts[:, :-1], torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
+
+
+def test_guided_decoding_of_two_equal_streams_is_transformers_generate():
+    """ℓ + γ·(ℓ − ℓ) = ℓ: the KV-cache loop must then pick what transformers' generate picks, greedy and sampled."""
+    generator = guided_generator()
+    labels = torch.zeros(4, 14, dtype=torch.long)
+    labels[1, CHEXPERT_OBSERVATIONS.index("Pleural Effusion")] = Label.POSITIVE
+    with torch.no_grad():
+        one = generator.prompt_embeddings(generator.visual_features(images()), labels)
+        both = torch.cat([one, one], dim=1)
+        for greedy in (True, False):
+            expected = generator.decode(*generator.generate(one, greedy=greedy, generator_seed=5))
+            assert generator.decode(*generator.generate(both, greedy=greedy, generator_seed=5)) == expected
+
+
+def test_guided_policy_is_findings_plus_gamma_times_findings_minus_no_findings_by_hand():
+    gamma = 2.0
+    generator = guided_generator(gamma)
+    with torch.no_grad():
+        prompts = generator.prompt_embeddings(generator.visual_features(images()))
+        tokens, mask = generator.generate(prompts, greedy=True)
+        rows = generator.prompt_rows
+        logits = []
+        for stream in (prompts[:, :rows], prompts[:, rows:]):  # by hand, each stream alone with its own condition
+            words = generator.decoder.get_input_embeddings()(tokens) + stream[:, -1:]
+            z = generator.decoder(inputs_embeds=torch.cat([stream[:, :-1], words], dim=1)).logits
+            logits.append(z[:, rows - 2:-1])
+        guided = logits[0] + gamma * (logits[0] - logits[1])
+        kept = mask.bool()
+        assert torch.equal(guided.argmax(dim=-1)[kept], tokens[kept])
+        expected = torch.log_softmax(guided, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
+        assert torch.allclose(generator.token_log_probs(prompts, tokens, mask), expected, atol=1e-5)
+        unguided = torch.log_softmax(logits[0], -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
+        assert not torch.allclose(expected, unguided, atol=1e-3)
+
+
+def test_guided_rollouts_recompute_their_log_probs_exactly_and_start_at_the_reference():
+    cfg = config(**{"models.report_generator.disease_condition": "every_token",
+                    "models.report_generator.disease_prompt_form": "words",
+                    "models.report_generator.findings_guidance": 1.0})
+    learner, worker = rl_stage(cfg)
+    with torch.no_grad():
+        for generator in (learner.policy.generator, worker.policy.generator):
+            generator.disease_condition.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=3)
+    generator = learner.policy.generator
+    with torch.no_grad():
+        again = generator.token_log_probs(generator.frozen_prompts(trajectory.images), trajectory.tokens,
+                                          trajectory.mask)
+    assert torch.allclose((again - trajectory.log_probs).exp(), torch.ones_like(again), atol=1e-6)
+    assert torch.allclose(trajectory.log_probs, trajectory.ref_log_probs, atol=1e-5)
+
+
+def test_findings_guidance_needs_a_disease_prompt():
+    with pytest.raises(ValueError, match="findings_guidance"):
+        config(**{"models.report_generator.findings_guidance": 1.0,
+                  "models.report_generator.disease_prompt": "'off'"})

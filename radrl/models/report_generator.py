@@ -31,6 +31,10 @@
         form 'words' instead: the decoder's own tokens "<name_1> s_1 <name_2> s_2 …", s_c = p_c·e(present) +
         (1 − p_c)·e(negative)                                                   [B, L, H]
     decoder input = [visual prompts, disease prompt, instruction, BOS] → report tokens (+ c each, if on)
+    findings guidance (models.report_generator.findings_guidance γ > 0): the policy's next-token logits are
+        ℓ_f + γ·(ℓ_f − ℓ_∅), ℓ_f from the prompt above and ℓ_∅ from the same image's prompt with every finding
+        absent (p = 0); classifier-free guidance on the findings, used for sampling, greedy decoding and every
+        log-prob of the RL stage alike; the supervised stage fits ℓ_f alone (teacher-forced prompts)
 
 The CLIP towers are frozen throughout. The supervised stage trains the region blocks, VTrans,
 the projection, the disease head and prompt, and the decoder (fully, or through a LoRA that is
@@ -272,7 +276,7 @@ class ReportGenerator(nn.Module):
                  region_attention: str = "region_query", disease_prompt: str = "teacher_forced",
                  disease_unmentioned: str = "negative", disease_prompt_form: str = "tokens",
                  disease_head_input: str = "regions", disease_condition: str = "off", region_prior: str = "none",
-                 region_prior_floor: float = 0.0):
+                 region_prior_floor: float = 0.0, findings_guidance: float = 0.0):
         super().__init__()
         self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention, region_prior,
                                          region_prior_floor)
@@ -317,6 +321,15 @@ class ReportGenerator(nn.Module):
         ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
         self.register_buffer("instruction_ids", torch.tensor(ids + [self.tokenizer.bos_token_id]), persistent=False)
         self.max_new_tokens = max_new_tokens
+        if findings_guidance and disease_prompt == "off":
+            raise ValueError("findings_guidance contrasts the disease prompt with a no-findings one; it needs "
+                             "disease_prompt on")
+        self.guidance = findings_guidance
+        # rows of one prompt stream: a generation prompt holds two with guidance (findings, then no findings)
+        disease_rows = 0 if disease_prompt == "off" else (
+            len(CHEXPERT_OBSERVATIONS) if self.disease_tokens is not None else len(self.disease_word_ids))
+        self.prompt_rows = (self.visual_prompts + disease_rows + len(self.instruction_ids)
+                            + (self.disease_condition is not None))
 
     @torch.no_grad()
     def _observation_word_embeddings(self) -> torch.Tensor:
@@ -386,30 +399,56 @@ class ReportGenerator(nn.Module):
         alone trains the head). With `labels` (the reference's codes) and disease_prompt 'teacher_forced', the
         reference's POSITIVE labels stand in for the probabilities: the supervised stage's teacher forcing; without
         labels that mode gives the head's decision at its operating point (1 or 0), the tokens the decoder was taught.
+        With findings guidance, a prompt without labels (generation's) is two streams of prompt_rows rows each: the
+        findings' prompt, then the same image's with every finding absent.
         """
-        parts = [self.project(features[:, :self.visual_prompts])]
-        if self.disease_prompt != "off":
-            if labels is not None and self.disease_prompt == "teacher_forced":
-                p = (labels == Label.POSITIVE).float().unsqueeze(-1)  # [B, 14, 1]
-            else:
-                logits = self.disease_logits(features).detach()
-                if self.disease_prompt == "teacher_forced":  # the decoder learnt 0/1 tokens: the decision
-                    p = (logits >= self.decision_logits).float().unsqueeze(-1)
-                else:
-                    p = torch.sigmoid(logits).unsqueeze(-1)
+        visual = self.project(features[:, :self.visual_prompts])
+        if self.disease_prompt == "off":
+            return self._prompt_stream(visual, None)
+        if labels is not None and self.disease_prompt == "teacher_forced":
+            p = (labels == Label.POSITIVE).float().unsqueeze(-1)  # [B, 14, 1]
+            return self._prompt_stream(visual, p)
+        logits = self.disease_logits(features).detach()
+        if self.disease_prompt == "teacher_forced":  # the decoder learnt 0/1 tokens: the decision
+            p = (logits >= self.decision_logits).float().unsqueeze(-1)
+        else:
+            p = torch.sigmoid(logits).unsqueeze(-1)
+        if not self.guidance:
+            return self._prompt_stream(visual, p)
+        return torch.cat([self._prompt_stream(visual, p), self._prompt_stream(visual, torch.zeros_like(p))], dim=1)
+
+    def _prompt_stream(self, visual: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+        """Projected visual prompts [B, 1 + K, H] and finding probabilities [B, 14, 1] (None: no disease prompt) →
+        one prompt stream [B, prompt_rows, H]: [visual, disease prompt, instruction + BOS, condition row if on]."""
+        parts = [visual]
+        if p is not None:
             parts.append(self._disease_block(p))
         instruction = self.decoder.get_input_embeddings()(self.instruction_ids).float()
-        parts.append(instruction.unsqueeze(0).expand(len(features), -1, -1))
+        parts.append(instruction.unsqueeze(0).expand(len(visual), -1, -1))
         if self.disease_condition is not None:  # the last row: the condition, split off before the decoder
             condition = p * self.disease_condition[0] + (1 - p) * self.disease_condition[1]  # [B, 14, H]
             parts.append(condition.sum(dim=1, keepdim=True))
         return torch.cat(parts, dim=1)  # fp32; cast to the decoder's dtype where it enters the decoder
 
-    def _split_condition(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt embeddings → (the decoder's prompt rows [B, P, H], the disease condition [B, H] or None)."""
+    def _streams(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Prompt embeddings [B, S·prompt_rows, H] → (the decoder's prompt rows of the S streams stacked on the
+        batch [S·B, P, H], their disease conditions [S·B, H] or None, S): one stream, or two with guidance."""
+        streams = prompts.split(self.prompt_rows, dim=1)
+        if len(streams) > 2 or streams[-1].shape[1] != self.prompt_rows:
+            raise ValueError(f"prompt embeddings of {prompts.shape[1]} rows: expected {self.prompt_rows} (one stream) "
+                             f"or {2 * self.prompt_rows} (findings guidance); build them with prompt_embeddings")
+        rows = torch.cat(streams, dim=0)
         if self.disease_condition is None:
-            return prompts, None
-        return prompts[:, :-1], prompts[:, -1]
+            return rows, None, len(streams)
+        return rows[:, :-1], rows[:, -1], len(streams)
+
+    def _guided(self, logits: torch.Tensor, streams: int) -> torch.Tensor:
+        """Next-token logits of the streams stacked on the batch [S·B, …] → the policy's [B, …]: the prompt's own
+        (S = 1), or with findings guidance ℓ_f + γ·(ℓ_f − ℓ_∅)."""
+        if streams == 1:
+            return logits
+        findings, no_findings = logits.chunk(2)
+        return findings + self.guidance * (findings - no_findings)
 
     @contextmanager
     def _conditioned(self, condition: torch.Tensor | None):
@@ -494,19 +533,25 @@ class ReportGenerator(nn.Module):
         """log p(token_t | prompt, tokens_<t) for every report token, teacher-forced → [B, T] (0 where masked);
         with_entropy: also the entropy of each position's next-token distribution [B, T] (not masked). At
         `temperature` T: the distribution softmax(logits / T) that `generate` samples at T."""
-        prompts, condition = self._split_condition(prompts)
-        with self._conditioned(condition):
-            words = self.decoder.get_input_embeddings()(tokens)
-        embeddings = torch.cat([prompts.to(self.decoder_dtype), words], dim=1)
-        attention = torch.cat([torch.ones(prompts.shape[:2], device=mask.device), mask], dim=1)
-        logits = self.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
-        # the logit at position p predicts position p + 1: the report's tokens are predicted from P − 1 on
-        logits = logits[:, prompts.shape[1] - 1:-1].float() / temperature
+        logits = self.report_logits(prompts, tokens, mask) / temperature
         all_log_probs = torch.log_softmax(logits, dim=-1)
         log_probs = all_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
         if with_entropy:
             return log_probs, -(all_log_probs.exp() * all_log_probs).sum(dim=-1).detach()
         return log_probs
+
+    def report_logits(self, prompts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The policy's next-token logits at every report position, teacher-forced → [B, T, V] fp32 (guided
+        when the prompt carries the no-findings stream)."""
+        rows, condition, streams = self._streams(prompts)
+        tokens, mask = tokens.repeat(streams, 1), mask.repeat(streams, 1)
+        with self._conditioned(condition):
+            words = self.decoder.get_input_embeddings()(tokens)
+        embeddings = torch.cat([rows.to(self.decoder_dtype), words], dim=1)
+        attention = torch.cat([torch.ones(rows.shape[:2], device=mask.device), mask], dim=1)
+        logits = self.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
+        # the logit at position p predicts position p + 1: the report's tokens are predicted from P − 1 on
+        return self._guided(logits[:, rows.shape[1] - 1:-1].float(), streams)
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, greedy: bool, generator_seed: int | None = None,
@@ -517,21 +562,51 @@ class ReportGenerator(nn.Module):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)  # transformers' sampler draws from the global generator
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        prompts, condition = self._split_condition(prompts)
-        # with inputs_embeds only, transformers returns just the new tokens
-        with self._conditioned(condition):
-            tokens = self.decoder.generate(
-                inputs_embeds=prompts.to(self.decoder_dtype),
-                attention_mask=torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device),
-                max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None,
-                temperature=None if greedy or temperature == 1.0 else temperature,
-                num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id,
-            )
+        rows, condition, streams = self._streams(prompts)
+        if streams == 2:
+            tokens = self._generate_guided(rows, condition, greedy, temperature)
+        else:  # with inputs_embeds only, transformers returns just the new tokens
+            with self._conditioned(condition):
+                tokens = self.decoder.generate(
+                    inputs_embeds=rows.to(self.decoder_dtype),
+                    attention_mask=torch.ones(rows.shape[:2], dtype=torch.long, device=rows.device),
+                    max_new_tokens=self.max_new_tokens, do_sample=not greedy, top_k=None, top_p=None,
+                    temperature=None if greedy or temperature == 1.0 else temperature,
+                    num_beams=1, eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id,
+                )
         ended = (tokens == eos).long()
         after_eos = (ended.cumsum(dim=1) - ended) > 0  # positions after the first EOS
         mask = (~after_eos).float()
         tokens = tokens.masked_fill(after_eos, pad)
         return tokens, mask
+
+    def _generate_guided(self, rows: torch.Tensor, condition: torch.Tensor | None, greedy: bool,
+                         temperature: float) -> torch.Tensor:
+        """Findings guidance's decoding: both streams [2B, P, H] step as one batch through the decoder's KV cache,
+        and each token, drawn from the guided logits as transformers' sampler draws (softmax, multinomial on the
+        global generator) or taken greedily, is fed to both. transformers' generate samples one stream per row,
+        which cannot share a token between two. Returns the new tokens [B, T], padding after EOS."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        embed = self.decoder.get_input_embeddings()
+        attention = torch.ones(rows.shape[:2], dtype=torch.long, device=rows.device)
+        inputs, cache, chosen = rows.to(self.decoder_dtype), None, []
+        done = torch.zeros(len(rows) // 2, dtype=torch.bool, device=rows.device)
+        for _ in range(self.max_new_tokens):
+            out = self.decoder(inputs_embeds=inputs, attention_mask=attention, past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, self._guided(out.logits[:, -1].float(), 2)
+            if greedy:
+                token = logits.argmax(dim=-1)
+            else:
+                token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), num_samples=1).squeeze(1)
+            token = token.masked_fill(done, pad)
+            chosen.append(token)
+            done |= token == eos
+            if done.all():
+                break
+            with self._conditioned(condition):
+                inputs = embed(token.repeat(2).unsqueeze(1))
+            attention = torch.cat([attention, attention.new_ones(len(attention), 1)], dim=1)
+        return torch.stack(chosen, dim=1)
 
     def greedy_reports(self, images: torch.Tensor) -> list[str]:
         """Greedy-decoded report texts of images [B, 1, H, W] (evaluation)."""
@@ -720,7 +795,8 @@ def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:
     return ReportGenerator(build_clip(cfg.models.clip), build_decoder(rg), rg.num_regions, rg.region_blocks,
                            rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
                            rg.region_attention, rg.disease_prompt, rg.disease_unmentioned, rg.disease_prompt_form,
-                           rg.disease_head_input, rg.disease_condition, rg.region_prior, rg.region_prior_floor)
+                           rg.disease_head_input, rg.disease_condition, rg.region_prior, rg.region_prior_floor,
+                           rg.findings_guidance)
 
 
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
