@@ -628,6 +628,10 @@ def test_findings_guidance_prompts_carry_a_no_findings_stream_in_generation_only
     assert torch.allclose(prompts[:, rows - 1], (decided * u[0] + (1 - decided) * u[1]).sum(dim=1), atol=1e-6)
     with pytest.raises(ValueError, match="rows"):
         generator.token_log_probs(prompts[:, :-1], torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
+    # the image-reliance gap's NLL is the likelihood the supervised stage fits: the findings stream's
+    guided_nll = generator.report_nll(images(2), REPORTS[:2])
+    generator.guidance = 0.0
+    assert torch.allclose(guided_nll, generator.report_nll(images(2), REPORTS[:2]))
 
 
 def test_guided_decoding_of_two_equal_streams_is_transformers_generate():

@@ -616,9 +616,12 @@ class ReportGenerator(nn.Module):
 
     @torch.no_grad()
     def report_nll(self, images: torch.Tensor, reports: list[str]) -> torch.Tensor:
-        """Mean token negative log-likelihood of each report given its image → [B] (teacher-forced)."""
+        """Mean token negative log-likelihood of each report given its image → [B] (teacher-forced), under the
+        findings stream (the head's decisions in the prompt): the likelihood the supervised stage fits. Findings
+        guidance reshapes what is generated from it, not this loss."""
         tokens, mask = self.encode_reports(reports)
-        log_probs = self.token_log_probs(self.prompt_embeddings(self.visual_features(images)), tokens, mask)
+        prompts = self.prompt_embeddings(self.visual_features(images))[:, :self.prompt_rows]
+        log_probs = self.token_log_probs(prompts, tokens, mask)
         return -log_probs.sum(dim=1) / mask.sum(dim=1)
 
     def supervised_loss(self, images: torch.Tensor, reports: list[str], labels: torch.Tensor,
