@@ -641,17 +641,29 @@ def test_guided_decoding_of_two_equal_streams_is_transformers_generate():
     labels[1, CHEXPERT_OBSERVATIONS.index("Pleural Effusion")] = Label.POSITIVE
     with torch.no_grad():
         one = generator.prompt_embeddings(generator.visual_features(images()), labels)
-        both = torch.cat([one, one], dim=1)
+        rows, condition, _ = generator._streams(one)
         for greedy in (True, False):
             expected = generator.decode(*generator.generate(one, greedy=greedy, generator_seed=5))
-            assert generator.decode(*generator.generate(both, greedy=greedy, generator_seed=5)) == expected
+            torch.manual_seed(5)
+            tokens = generator._generate_guided(torch.cat([rows, rows]), torch.cat([condition, condition]),
+                                                torch.arange(4), greedy, 1.0)
+            assert generator.decode(tokens, torch.ones_like(tokens)) == expected
+        # a prompt whose two streams are equal (nothing marked present) skips the second pass: transformers' path
+        assert len(generator._streams(torch.cat([one[:1], one[:1]], dim=1))[2]) == 0
 
 
 def test_guided_policy_is_findings_plus_gamma_times_findings_minus_no_findings_by_hand():
     gamma = 2.0
     generator = guided_generator(gamma)
     with torch.no_grad():
-        prompts = generator.prompt_embeddings(generator.visual_features(images()))
+        features = generator.visual_features(images())
+        logits = generator.disease_logits(features)[:, 0]
+        generator.decision_logits.fill_(float("inf"))  # one observation, present in the top two images only
+        generator.decision_logits[0] = logits.median() + 1e-6
+        prompts = generator.prompt_embeddings(features)
+        present = generator.disease_decisions(images()).any(dim=1)
+        assert 0 < present.sum() < 4  # guided and unguided rows in one batch
+        assert torch.equal(generator._streams(prompts)[2], torch.nonzero(present).squeeze(1))
         tokens, mask = generator.generate(prompts, greedy=True)
         rows = generator.prompt_rows
         logits = []

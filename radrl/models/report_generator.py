@@ -430,25 +430,32 @@ class ReportGenerator(nn.Module):
             parts.append(condition.sum(dim=1, keepdim=True))
         return torch.cat(parts, dim=1)  # fp32; cast to the decoder's dtype where it enters the decoder
 
-    def _streams(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Prompt embeddings [B, S·prompt_rows, H] → (the decoder's prompt rows of the S streams stacked on the
-        batch [S·B, P, H], their disease conditions [S·B, H] or None, S): one stream, or two with guidance."""
+    def _streams(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Prompt embeddings [B, S·prompt_rows, H] (one stream, or two with guidance) → (the decoder's prompt rows
+        [B + M, P, H], their disease conditions [B + M, H] or None, the M guided rows' indices or None). Rows
+        B… hold the no-findings stream of the M images whose findings stream differs from it: where the head
+        marks nothing present the two are equal and ℓ_f + γ·(ℓ_f − ℓ_∅) = ℓ_f, so their second pass is skipped."""
         streams = prompts.split(self.prompt_rows, dim=1)
         if len(streams) > 2 or streams[-1].shape[1] != self.prompt_rows:
             raise ValueError(f"prompt embeddings of {prompts.shape[1]} rows: expected {self.prompt_rows} (one stream) "
                              f"or {2 * self.prompt_rows} (findings guidance); build them with prompt_embeddings")
-        rows = torch.cat(streams, dim=0)
+        guided = None
+        if len(streams) == 2:
+            guided = torch.nonzero((streams[0] != streams[1]).flatten(1).any(dim=1)).squeeze(1)
+            rows = torch.cat([streams[0], streams[1][guided]], dim=0)
+        else:
+            rows = streams[0]
         if self.disease_condition is None:
-            return rows, None, len(streams)
-        return rows[:, :-1], rows[:, -1], len(streams)
+            return rows, None, guided
+        return rows[:, :-1], rows[:, -1], guided
 
-    def _guided(self, logits: torch.Tensor, streams: int) -> torch.Tensor:
-        """Next-token logits of the streams stacked on the batch [S·B, …] → the policy's [B, …]: the prompt's own
-        (S = 1), or with findings guidance ℓ_f + γ·(ℓ_f − ℓ_∅)."""
-        if streams == 1:
+    def _guided(self, logits: torch.Tensor, guided: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits of _streams' rows [B + M, …] → the policy's [B, …]: the findings stream's own, and
+        ℓ_f + γ·(ℓ_f − ℓ_∅) on the guided rows."""
+        if guided is None:
             return logits
-        findings, no_findings = logits.chunk(2)
-        return findings + self.guidance * (findings - no_findings)
+        findings, no_findings = logits[:len(logits) - len(guided)], logits[len(logits) - len(guided):]
+        return findings.index_add(0, guided, self.guidance * (findings[guided] - no_findings))
 
     @contextmanager
     def _conditioned(self, condition: torch.Tensor | None):
@@ -543,15 +550,16 @@ class ReportGenerator(nn.Module):
     def report_logits(self, prompts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The policy's next-token logits at every report position, teacher-forced → [B, T, V] fp32 (guided
         when the prompt carries the no-findings stream)."""
-        rows, condition, streams = self._streams(prompts)
-        tokens, mask = tokens.repeat(streams, 1), mask.repeat(streams, 1)
+        rows, condition, guided = self._streams(prompts)
+        if guided is not None:
+            tokens, mask = torch.cat([tokens, tokens[guided]]), torch.cat([mask, mask[guided]])
         with self._conditioned(condition):
             words = self.decoder.get_input_embeddings()(tokens)
         embeddings = torch.cat([rows.to(self.decoder_dtype), words], dim=1)
         attention = torch.cat([torch.ones(rows.shape[:2], device=mask.device), mask], dim=1)
         logits = self.decoder(inputs_embeds=embeddings, attention_mask=attention).logits
         # the logit at position p predicts position p + 1: the report's tokens are predicted from P − 1 on
-        return self._guided(logits[:, rows.shape[1] - 1:-1].float(), streams)
+        return self._guided(logits[:, rows.shape[1] - 1:-1].float(), guided)
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, greedy: bool, generator_seed: int | None = None,
@@ -562,9 +570,9 @@ class ReportGenerator(nn.Module):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)  # transformers' sampler draws from the global generator
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        rows, condition, streams = self._streams(prompts)
-        if streams == 2:
-            tokens = self._generate_guided(rows, condition, greedy, temperature)
+        rows, condition, guided = self._streams(prompts)
+        if guided is not None and len(guided):
+            tokens = self._generate_guided(rows, condition, guided, greedy, temperature)
         else:  # with inputs_embeds only, transformers returns just the new tokens
             with self._conditioned(condition):
                 tokens = self.decoder.generate(
@@ -580,20 +588,21 @@ class ReportGenerator(nn.Module):
         tokens = tokens.masked_fill(after_eos, pad)
         return tokens, mask
 
-    def _generate_guided(self, rows: torch.Tensor, condition: torch.Tensor | None, greedy: bool,
-                         temperature: float) -> torch.Tensor:
-        """Findings guidance's decoding: both streams [2B, P, H] step as one batch through the decoder's KV cache,
-        and each token, drawn from the guided logits as transformers' sampler draws (softmax, multinomial on the
-        global generator) or taken greedily, is fed to both. transformers' generate samples one stream per row,
-        which cannot share a token between two. Returns the new tokens [B, T], padding after EOS."""
+    def _generate_guided(self, rows: torch.Tensor, condition: torch.Tensor | None, guided: torch.Tensor,
+                         greedy: bool, temperature: float) -> torch.Tensor:
+        """Findings guidance's decoding: _streams' rows [B + M, P, H] step as one batch through the decoder's KV
+        cache, and each image's token, drawn from the guided logits as transformers' sampler draws (softmax,
+        multinomial on the global generator) or taken greedily, is fed to its findings row and its no-findings row
+        alike. transformers' generate samples each row alone, which cannot share a token between two rows. Returns
+        the new tokens [B, T], padding after EOS."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         embed = self.decoder.get_input_embeddings()
         attention = torch.ones(rows.shape[:2], dtype=torch.long, device=rows.device)
         inputs, cache, chosen = rows.to(self.decoder_dtype), None, []
-        done = torch.zeros(len(rows) // 2, dtype=torch.bool, device=rows.device)
+        done = torch.zeros(len(rows) - len(guided), dtype=torch.bool, device=rows.device)
         for _ in range(self.max_new_tokens):
             out = self.decoder(inputs_embeds=inputs, attention_mask=attention, past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, self._guided(out.logits[:, -1].float(), 2)
+            cache, logits = out.past_key_values, self._guided(out.logits[:, -1].float(), guided)
             if greedy:
                 token = logits.argmax(dim=-1)
             else:
@@ -604,7 +613,7 @@ class ReportGenerator(nn.Module):
             if done.all():
                 break
             with self._conditioned(condition):
-                inputs = embed(token.repeat(2).unsqueeze(1))
+                inputs = embed(torch.cat([token, token[guided]]).unsqueeze(1))
             attention = torch.cat([attention, attention.new_ones(len(attention), 1)], dim=1)
         return torch.stack(chosen, dim=1)
 
