@@ -541,11 +541,15 @@ def test_patch_disease_head_reads_the_frozen_patch_grid_and_leaves_the_visual_pr
     assert torch.allclose(prompts[:, :30], generator.project(features[:, :30]))
 
 
-def condition_generator(seed=0):
-    """A 'words' generator with disease_condition every_token and random (non-zero) condition vectors."""
-    cfg = config(**{"models.report_generator.disease_condition": "every_token",
-                    "models.report_generator.disease_prompt_form": "words"})
-    generator = build_report_policy(cfg, "cpu").generator.eval()
+def condition_config(**overrides):
+    """A 'words' disease prompt with disease_condition every_token (plus overrides)."""
+    return config(**{"models.report_generator.disease_condition": "every_token",
+                     "models.report_generator.disease_prompt_form": "words", **overrides})
+
+
+def condition_generator(seed=0, **overrides):
+    """condition_config's generator with random (non-zero) condition vectors."""
+    generator = build_report_policy(condition_config(**overrides), "cpu").generator.eval()
     with torch.no_grad():
         generator.disease_condition.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
     return generator
@@ -578,9 +582,10 @@ def test_disease_condition_is_added_to_every_report_tokens_input_in_scoring_and_
         assert not torch.allclose(generator.token_log_probs(plain, tokens, mask), expected, atol=1e-3)
 
 
-def test_disease_condition_starts_at_zero_and_sampled_log_probs_recompute_exactly():
-    cfg = config(**{"models.report_generator.disease_condition": "every_token",
-                    "models.report_generator.disease_prompt_form": "words"})
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_disease_condition_starts_at_zero_and_sampled_log_probs_recompute_exactly(guidance):
+    """With findings guidance too: the rollouts' guided log-probs recompute on the learner."""
+    cfg = condition_config(**{"models.report_generator.findings_guidance": guidance})
     assert torch.count_nonzero(build_report_policy(cfg, "cpu").generator.disease_condition) == 0
     learner, worker = rl_stage(cfg)
     with torch.no_grad():  # as after a supervised stage: non-zero condition, the same on both sides
@@ -592,6 +597,7 @@ def test_disease_condition_starts_at_zero_and_sampled_log_probs_recompute_exactl
         again = generator.token_log_probs(generator.frozen_prompts(trajectory.images), trajectory.tokens,
                                           trajectory.mask)
     assert torch.allclose((again - trajectory.log_probs).exp(), torch.ones_like(again), atol=1e-6)
+    assert torch.allclose(trajectory.log_probs, trajectory.ref_log_probs, atol=1e-5)  # a fresh RL LoRA: the reference
 
 
 def test_disease_condition_needs_a_disease_prompt():
@@ -600,15 +606,9 @@ def test_disease_condition_needs_a_disease_prompt():
                   "models.report_generator.disease_prompt": "'off'"})
 
 
-def guided_generator(guidance=2.0, seed=0):
+def guided_generator(guidance=2.0):
     """condition_generator's model with findings guidance γ."""
-    cfg = config(**{"models.report_generator.disease_condition": "every_token",
-                    "models.report_generator.disease_prompt_form": "words",
-                    "models.report_generator.findings_guidance": guidance})
-    generator = build_report_policy(cfg, "cpu").generator.eval()
-    with torch.no_grad():
-        generator.disease_condition.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
-    return generator
+    return condition_generator(**{"models.report_generator.findings_guidance": guidance})
 
 
 def test_findings_guidance_prompts_carry_a_no_findings_stream_in_generation_only():
@@ -678,23 +678,6 @@ def test_guided_policy_is_findings_plus_gamma_times_findings_minus_no_findings_b
         assert torch.allclose(generator.token_log_probs(prompts, tokens, mask), expected, atol=1e-5)
         unguided = torch.log_softmax(logits[0], -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
         assert not torch.allclose(expected, unguided, atol=1e-3)
-
-
-def test_guided_rollouts_recompute_their_log_probs_exactly_and_start_at_the_reference():
-    cfg = config(**{"models.report_generator.disease_condition": "every_token",
-                    "models.report_generator.disease_prompt_form": "words",
-                    "models.report_generator.findings_guidance": 1.0})
-    learner, worker = rl_stage(cfg)
-    with torch.no_grad():
-        for generator in (learner.policy.generator, worker.policy.generator):
-            generator.disease_condition.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    trajectory, _ = worker.sample(images().numpy(), REPORTS, GROUPS, seed=3)
-    generator = learner.policy.generator
-    with torch.no_grad():
-        again = generator.token_log_probs(generator.frozen_prompts(trajectory.images), trajectory.tokens,
-                                          trajectory.mask)
-    assert torch.allclose((again - trajectory.log_probs).exp(), torch.ones_like(again), atol=1e-6)
-    assert torch.allclose(trajectory.log_probs, trajectory.ref_log_probs, atol=1e-5)
 
 
 def test_findings_guidance_needs_a_disease_prompt():
