@@ -157,9 +157,16 @@ class ReportGeneratorConfig(Section):
                            "to the prompt (needs disease_prompt on)")
     findings_guidance: float = Field(
         0.0, ge=0, description="γ: classifier-free guidance on the findings. The policy's next-token logits become "
-                               "ℓ_f + γ·(ℓ_f − ℓ_∅), ℓ_∅ from the same image's prompt with every finding absent, "
+                               "ℓ_f + γ·(ℓ_f − ℓ_∅), ℓ_∅ from the same image's prompt with guidance_contrast's findings, "
                                "in sampling, greedy decoding and the RL stage's log-probs (one decoder pass of "
                                "twice the batch); the supervised stage fits ℓ_f (needs disease_prompt on)")
+    guidance_contrast: Literal["empty", "normal", "findings"] = Field(
+        "findings", description="the prompt findings guidance contrasts with (ℓ_∅): findings, the image's own No "
+                                "Finding with every other observation absent (an image the head calls normal, or "
+                                "marks nothing in, is left unguided and costs no second decoder pass); empty, every "
+                                "observation absent (a normal image's 'No Finding' is amplified too); normal, a normal "
+                                "study's (No Finding present, the rest absent). Validation, 3 seeds, γ = 2: macro CE "
+                                "F1 0.498 / 0.496 / 0.455, greedy RadCliQ v1 1.045 / 1.061 / 1.091 (README)")
     disease_head_input: Literal["regions", "patches"] = Field(
         "regions", description="what the disease head's linear map reads: the VTrans features [global, regions], "
                                "flattened, or the frozen CLIP patch grid, flattened (every patch in place)")

@@ -607,8 +607,9 @@ def test_disease_condition_needs_a_disease_prompt():
 
 
 def guided_generator(guidance=2.0):
-    """condition_generator's model with findings guidance γ."""
-    return condition_generator(**{"models.report_generator.findings_guidance": guidance})
+    """condition_generator's model with findings guidance γ against the empty contrast (every observation absent)."""
+    return condition_generator(**{"models.report_generator.findings_guidance": guidance,
+                                  "models.report_generator.guidance_contrast": "empty"})
 
 
 def test_findings_guidance_prompts_carry_a_no_findings_stream_in_generation_only():
@@ -678,6 +679,39 @@ def test_guided_policy_is_findings_plus_gamma_times_findings_minus_no_findings_b
         assert torch.allclose(generator.token_log_probs(prompts, tokens, mask), expected, atol=1e-5)
         unguided = torch.log_softmax(logits[0], -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
         assert not torch.allclose(expected, unguided, atol=1e-3)
+
+
+@pytest.mark.parametrize("contrast, no_finding", [("normal", True), ("normal", False), ("findings", True),
+                                                   ("findings", False)])
+def test_guidance_contrast_prompt_and_which_images_get_a_second_pass(contrast, no_finding):
+    """normal: ℓ_∅ reads a normal study's findings (No Finding present, the rest absent); findings: the image's own
+    No Finding, the rest absent. An image whose findings equal its contrast's gets no second pass."""
+    generator = condition_generator(**{"models.report_generator.findings_guidance": 2.0,
+                                       "models.report_generator.guidance_contrast": contrast})
+    normal, effusion = CHEXPERT_OBSERVATIONS.index("No Finding"), CHEXPERT_OBSERVATIONS.index("Pleural Effusion")
+    with torch.no_grad():
+        features = generator.visual_features(images())
+        generator.decision_logits.fill_(float("inf"))  # nothing present, No Finding in every image or none ...
+        generator.decision_logits[normal] = float("-inf") if no_finding else float("inf")
+        scores = generator.disease_logits(features)[:, effusion]  # ... and an effusion in the top two images
+        generator.decision_logits[effusion] = scores.median() + 1e-6
+        prompts = generator.prompt_embeddings(features)
+    rows, u = generator.prompt_rows, generator.disease_condition
+    contrast_normal = contrast == "normal" or no_finding  # No Finding's state in the contrast stream
+    by_hand = u[1].sum(dim=0) + (u[0, normal] - u[1, normal]) * contrast_normal  # every other observation absent
+    assert torch.allclose(prompts[:, -1], by_hand.expand(4, -1), atol=1e-6)
+    states = generator.decoder.get_input_embeddings()(generator.disease_state_ids)  # 'present', 'negative'
+    slots = rows + 30 + generator.disease_slots  # the contrast stream's state words
+    assert torch.allclose(prompts[:, slots[normal]], states[0 if contrast_normal else 1].expand(4, -1))
+    assert torch.allclose(prompts[:, slots[effusion]], states[1].expand(4, -1))
+    # images whose findings are the contrast's skip the second pass: with 'normal' and no No Finding decided,
+    # every image differs from a normal study; otherwise only the two with an effusion do
+    guided = generator._streams(prompts)[2]
+    if contrast == "normal" and not no_finding:
+        assert torch.equal(guided, torch.arange(4))
+    else:
+        assert torch.equal(guided, torch.nonzero(scores >= scores.median() + 1e-6).squeeze(1))
+        assert len(guided) == 2
 
 
 def test_findings_guidance_needs_a_disease_prompt():

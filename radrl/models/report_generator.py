@@ -32,9 +32,11 @@
         (1 − p_c)·e(negative)                                                   [B, L, H]
     decoder input = [visual prompts, disease prompt, instruction, BOS] → report tokens (+ c each, if on)
     findings guidance (models.report_generator.findings_guidance γ > 0): the policy's next-token logits are
-        ℓ_f + γ·(ℓ_f − ℓ_∅), ℓ_f from the prompt above and ℓ_∅ from the same image's prompt with every finding
-        absent (p = 0); classifier-free guidance on the findings, used for sampling, greedy decoding and every
-        log-prob of the RL stage alike; the supervised stage fits ℓ_f alone (teacher-forced prompts)
+        ℓ_f + γ·(ℓ_f − ℓ_∅), ℓ_f from the prompt above and ℓ_∅ from the same image's prompt with the contrast's
+        findings (guidance_contrast 'empty': every observation absent, p = 0; 'normal': a normal study's, No
+        Finding present and the rest absent, so an image the head calls normal costs no second pass);
+        classifier-free guidance on the findings, used for sampling, greedy decoding and every log-prob of the RL
+        stage alike; the supervised stage fits ℓ_f alone (teacher-forced prompts)
 
 The CLIP towers are frozen throughout. The supervised stage trains the region blocks, VTrans,
 the projection, the disease head and prompt, and the decoder (fully, or through a LoRA that is
@@ -276,7 +278,7 @@ class ReportGenerator(nn.Module):
                  region_attention: str = "region_query", disease_prompt: str = "teacher_forced",
                  disease_unmentioned: str = "negative", disease_prompt_form: str = "tokens",
                  disease_head_input: str = "regions", disease_condition: str = "off", region_prior: str = "none",
-                 region_prior_floor: float = 0.0, findings_guidance: float = 0.0):
+                 region_prior_floor: float = 0.0, findings_guidance: float = 0.0, guidance_contrast: str = "findings"):
         super().__init__()
         self.extractor = VisualExtractor(clip, num_regions, region_blocks, region_grid, region_attention, region_prior,
                                          region_prior_floor)
@@ -324,7 +326,9 @@ class ReportGenerator(nn.Module):
         if findings_guidance and disease_prompt == "off":
             raise ValueError("findings_guidance contrasts the disease prompt with a no-findings one; it needs "
                              "disease_prompt on")
-        self.guidance = findings_guidance
+        if guidance_contrast not in ("empty", "normal", "findings"):
+            raise ValueError(f"guidance_contrast must be 'empty', 'normal' or 'findings', got {guidance_contrast!r}")
+        self.guidance, self.contrast = findings_guidance, guidance_contrast
         # rows of one prompt stream: a generation prompt holds two with guidance (findings, then no findings)
         disease_rows = 0 if disease_prompt == "off" else (
             len(CHEXPERT_OBSERVATIONS) if self.disease_tokens is not None else len(self.disease_word_ids))
@@ -400,7 +404,7 @@ class ReportGenerator(nn.Module):
         reference's POSITIVE labels stand in for the probabilities: the supervised stage's teacher forcing; without
         labels that mode gives the head's decision at its operating point (1 or 0), the tokens the decoder was taught.
         With findings guidance, a prompt without labels (generation's) is two streams of prompt_rows rows each: the
-        findings' prompt, then the same image's with every finding absent.
+        findings' prompt, then the same image's with the contrast's findings (guidance_contrast).
         """
         visual = self.project(features[:, :self.visual_prompts])
         if self.disease_prompt == "off":
@@ -415,7 +419,17 @@ class ReportGenerator(nn.Module):
             p = torch.sigmoid(logits).unsqueeze(-1)
         if not self.guidance:
             return self._prompt_stream(visual, p)
-        return torch.cat([self._prompt_stream(visual, p), self._prompt_stream(visual, torch.zeros_like(p))], dim=1)
+        return torch.cat([self._prompt_stream(visual, p), self._prompt_stream(visual, self._contrast(p))], dim=1)
+
+    def _contrast(self, p: torch.Tensor) -> torch.Tensor:
+        """The findings [B, 14, 1] of findings guidance's contrast stream (ℓ_∅), from the image's own p."""
+        contrast = torch.zeros_like(p)
+        normal = CHEXPERT_OBSERVATIONS.index("No Finding")
+        if self.contrast == "normal":
+            contrast[:, normal] = 1.0
+        elif self.contrast == "findings":
+            contrast[:, normal] = p[:, normal]
+        return contrast
 
     def _prompt_stream(self, visual: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
         """Projected visual prompts [B, 1 + K, H] and finding probabilities [B, 14, 1] (None: no disease prompt) →
@@ -433,8 +447,9 @@ class ReportGenerator(nn.Module):
     def _streams(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Prompt embeddings [B, S·prompt_rows, H] (one stream, or two with guidance) → (the decoder's prompt rows
         [B + M, P, H], their disease conditions [B + M, H] or None, the M guided rows' indices or None). Rows
-        B… hold the no-findings stream of the M images whose findings stream differs from it: where the head
-        marks nothing present the two are equal and ℓ_f + γ·(ℓ_f − ℓ_∅) = ℓ_f, so their second pass is skipped."""
+        B… hold the contrast stream of the M images whose findings stream differs from it: where the head's
+        findings are the contrast's the two are equal and ℓ_f + γ·(ℓ_f − ℓ_∅) = ℓ_f, so their second pass is
+        skipped."""
         streams = prompts.split(self.prompt_rows, dim=1)
         if len(streams) > 2 or streams[-1].shape[1] != self.prompt_rows:
             raise ValueError(f"prompt embeddings of {prompts.shape[1]} rows: expected {self.prompt_rows} (one stream) "
@@ -808,7 +823,7 @@ def build_report_generator(cfg: ExperimentConfig) -> ReportGenerator:
                            rg.vtrans_layers, rg.instruction, rg.max_new_tokens, rg.region_grid,
                            rg.region_attention, rg.disease_prompt, rg.disease_unmentioned, rg.disease_prompt_form,
                            rg.disease_head_input, rg.disease_condition, rg.region_prior, rg.region_prior_floor,
-                           rg.findings_guidance)
+                           rg.findings_guidance, rg.guidance_contrast)
 
 
 def build_report_policy(cfg: ExperimentConfig, device: str) -> ReportPolicy:
