@@ -417,6 +417,10 @@ class LoggingConfig(Section):
     keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept (older ones deleted); 0 keeps all")
     eval_reports: int = Field(32, ge=1, description="held-out reports in the start and end evaluation")
     eval_seed: int = Field(1234, description="noise seed of the evaluation samples (same for every run)")
+    eval_samples: int = Field(1, ge=1, description=(
+        "rrg: reports sampled (T = 1) per held-out image in the start and end evaluation; an image's sampled RadCliQ "
+        "is the mean of its samples (the expected score of a sampled report, estimated with less sampling noise), "
+        "and the first sample alone is kept too ('sampled_first')"))
     eval_every: int | None = Field(None, ge=1, description=(
         "cxrl: every this many iterations, score the policy on the eval_reports held-out reports at fixed noise "
         "(rewards and mean AUROC, 'heldout/…' against training wall time and images generated); None = start and end only"))

@@ -72,6 +72,24 @@ def test_in_process_rrg_run_writes_both_stages_and_the_table(tmp_path):
     assert "Region attention over the patches" in table
 
 
+def test_evaluation_averages_several_samples_per_image_and_its_first_draw_is_a_one_sample_evaluation(tmp_path):
+    cfg = small_config(tmp_path, **{"logging.eval_samples": 3})
+    roles = start_roles(cfg)
+    try:
+        trainer = RRGTrainer(cfg, roles)
+        three = trainer.evaluate()
+        trainer.cfg = small_config(tmp_path)  # one sample per image, the default
+        one = trainer.evaluate()
+    finally:
+        roles.cluster.shutdown()
+    assert three["sampled"]["samples_per_image"] == 3 and one["sampled"]["samples_per_image"] == 1
+    per_image, first = three["per_report"]["sampled_radcliq_v1"], three["per_report"]["sampled_first_radcliq_v1"]
+    assert first == one["per_report"]["sampled_radcliq_v1"]  # draw 0 has the one-sample evaluation's seeds
+    assert len(per_image) == len(first) == cfg.logging.eval_reports
+    assert per_image != first  # the other draws differ from it (a random decoder samples different reports)
+    assert np.isclose(three["sampled"]["radcliq_v1"], np.mean(per_image))
+
+
 @pytest.mark.slow
 def test_rrg_resume_continues_exactly(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"

@@ -326,10 +326,12 @@ class RRGTrainer:
         workers, size = self.roles.workers, self.cfg.rollout.batch_size
         starts = list(range(0, len(images), size))
         greedy = self.get([workers[k % len(workers)].greedy.remote(images[s:s + size]) for k, s in enumerate(starts)])
+        draws = self.cfg.logging.eval_samples  # draw 0's seeds are those of a one-sample evaluation
         sampled = self.get([workers[k % len(workers)].sampled_reports.remote(
-            images[s:s + size], stable_seed("eval", self.cfg.logging.eval_seed, k)) for k, s in enumerate(starts)])
+            images[s:s + size], stable_seed("eval", self.cfg.logging.eval_seed, k, *([j] if j else [])))
+            for j in range(draws) for k, s in enumerate(starts)])
         texts = [t for part in greedy for t in part]
-        samples = [t for part in sampled for t in part]
+        samples = [t for part in sampled for t in part]  # draw-major: draws × len(images)
         scorer = self.reward_actors[0]
         summary = report_summary(texts, references, self.get(scorer.evaluate.remote(texts, references)))
         summary["ce_per_observation"] = ce_per_observation(texts, references)
@@ -337,10 +339,12 @@ class RRGTrainer:
                                              for k, s in enumerate(starts)]))
         summary["head_per_observation"] = per_observation_scores(
             decisions, label_reports(references) == Label.POSITIVE)
-        sampled_scores = self.get(scorer.evaluate.remote(samples, references))
-        summary["sampled"] = {f"radcliq_{v}": float(np.mean(sampled_scores[f"radcliq_{v}"])) for v in ("v0", "v1")}
-        summary["per_report"].update({f"sampled_radcliq_{v}": sampled_scores[f"radcliq_{v}"].tolist()
-                                      for v in ("v0", "v1")})
+        sampled_scores = self.get(scorer.evaluate.remote(samples, references * draws))
+        per_draw = {v: np.asarray(sampled_scores[f"radcliq_{v}"]).reshape(draws, len(images)) for v in ("v0", "v1")}
+        summary["sampled"] = {f"radcliq_{v}": float(per_draw[v].mean()) for v in ("v0", "v1")}
+        summary["sampled"]["samples_per_image"] = draws
+        summary["per_report"].update({f"sampled_radcliq_{v}": per_draw[v].mean(axis=0).tolist() for v in ("v0", "v1")})
+        summary["per_report"].update({f"sampled_first_radcliq_{v}": per_draw[v][0].tolist() for v in ("v0", "v1")})
         summary["samples"] = texts[:SAMPLE_REPORTS]
         summary["per_report"]["texts"] = texts  # for paired comparisons of two evaluations (CE per observation)
         return summary
@@ -532,8 +536,15 @@ def format_results_table(results: dict) -> str:
     for version in ("v1", "v0"):
         key = f"sampled_radcliq_{version}"
         b, a = before["sampled"][f"radcliq_{version}"], after["sampled"][f"radcliq_{version}"]
-        lines.append(f"| RadCliQ {version} ↓ (sampled, T = 1) | {b:.4f} | {a:.4f} | {a - b:+.4f} ± "
+        draws = after["sampled"].get("samples_per_image", 1)
+        label = "sampled, T = 1" + (f", mean of {draws} per image" if draws > 1 else "")
+        lines.append(f"| RadCliQ {version} ↓ ({label}) | {b:.4f} | {a:.4f} | {a - b:+.4f} ± "
                      f"{paired_se(before['per_report'][key], after['per_report'][key]):.4f} |")
+        first = f"sampled_first_radcliq_{version}"
+        if draws > 1 and first in before["per_report"]:  # one sample per image, as a one-sample evaluation draws
+            b, a = np.mean(before["per_report"][first]), np.mean(after["per_report"][first])
+            lines.append(f"| RadCliQ {version} ↓ (sampled, T = 1, first sample only) | {b:.4f} | {a:.4f} | "
+                         f"{a - b:+.4f} ± {paired_se(before['per_report'][first], after['per_report'][first]):.4f} |")
     lines.append("")
     lines.append("RadCliQ backends: " + "; ".join(f"{k} = {v}" for k, v in names.items())
                  + (". Offline stand-ins, not the official RadCliQ." if "rule" in names["radgraph"] else "."))
