@@ -33,8 +33,9 @@
     decoder input = [visual prompts, disease prompt, instruction, BOS] → report tokens (+ c each, if on)
     findings guidance (models.report_generator.findings_guidance γ > 0): the policy's next-token logits are
         ℓ_f + γ·(ℓ_f − ℓ_∅), ℓ_f from the prompt above and ℓ_∅ from the same image's prompt with the contrast's
-        findings (guidance_contrast 'empty': every observation absent, p = 0; 'normal': a normal study's, No
-        Finding present and the rest absent, so an image the head calls normal costs no second pass);
+        findings (guidance_contrast 'findings': the image's own No Finding, every other observation absent, so
+        an image the head calls normal costs no second pass; 'empty': every observation absent, p = 0;
+        'normal': a normal study's, No Finding present and the rest absent);
         classifier-free guidance on the findings, used for sampling, greedy decoding and every log-prob of the RL
         stage alike; the supervised stage fits ℓ_f alone (teacher-forced prompts)
 
