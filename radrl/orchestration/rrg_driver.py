@@ -533,18 +533,16 @@ def format_results_table(results: dict) -> str:
         if key in ("radcliq_v0", "radcliq_v1"):
             change += f" ± {paired_se(before['per_report'][key], after['per_report'][key]):.4f}"
         lines.append(f"| {label} (greedy) | {before[key]:.4f} | {after[key]:.4f} | {change} |")
+    draws = after["sampled"].get("samples_per_image", 1)
     for version in ("v1", "v0"):
-        key = f"sampled_radcliq_{version}"
-        b, a = before["sampled"][f"radcliq_{version}"], after["sampled"][f"radcliq_{version}"]
-        draws = after["sampled"].get("samples_per_image", 1)
-        label = "sampled, T = 1" + (f", mean of {draws} per image" if draws > 1 else "")
-        lines.append(f"| RadCliQ {version} ↓ ({label}) | {b:.4f} | {a:.4f} | {a - b:+.4f} ± "
-                     f"{paired_se(before['per_report'][key], after['per_report'][key]):.4f} |")
+        rows = [(f"sampled_radcliq_{version}", "sampled, T = 1" + (f", mean of {draws} per image" if draws > 1 else ""))]
         first = f"sampled_first_radcliq_{version}"
         if draws > 1 and first in before["per_report"]:  # one sample per image, as a one-sample evaluation draws
-            b, a = np.mean(before["per_report"][first]), np.mean(after["per_report"][first])
-            lines.append(f"| RadCliQ {version} ↓ (sampled, T = 1, first sample only) | {b:.4f} | {a:.4f} | "
-                         f"{a - b:+.4f} ± {paired_se(before['per_report'][first], after['per_report'][first]):.4f} |")
+            rows.append((first, "sampled, T = 1, first sample only"))
+        for key, label in rows:  # each image's score (the mean of its draws), averaged over images
+            b, a = np.mean(before["per_report"][key]), np.mean(after["per_report"][key])
+            lines.append(f"| RadCliQ {version} ↓ ({label}) | {b:.4f} | {a:.4f} | {a - b:+.4f} ± "
+                         f"{paired_se(before['per_report'][key], after['per_report'][key]):.4f} |")
     lines.append("")
     lines.append("RadCliQ backends: " + "; ".join(f"{k} = {v}" for k, v in names.items())
                  + (". Offline stand-ins, not the official RadCliQ." if "rule" in names["radgraph"] else "."))
