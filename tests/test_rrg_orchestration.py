@@ -197,6 +197,21 @@ class ScriptedValidation(RRGTrainer):
         return scalars
 
 
+def test_validated_iteration_kept_skips_those_that_lose_clinical_content():
+    """learner.rl_selection_max_ce_drop: the best reward wins among the iterations whose validation macro CE F1 is
+    within the allowed drop of the hand-over's; the hand-over always competes; unguarded, the best reward wins."""
+    from radrl.orchestration.rrg_driver import best_validated_iteration, eligible_iterations
+
+    rows = [[0, 1.22, 0.506], [40, 1.25, 0.490], [80, 1.30, 0.439], [120, 1.27, 0.449], [160, 1.25, 0.508]]
+    assert best_validated_iteration(rows) == 80
+    assert eligible_iterations(rows, 0.02) == [0, 40, 160]  # 80 and 120 lost 0.067 and 0.057
+    assert best_validated_iteration(rows, 0.02) == 40
+    assert best_validated_iteration(rows, 0.0) == 160  # 40 is 0.016 below
+    assert best_validated_iteration(rows, 0.1) == 80
+    assert best_validated_iteration([[0, 1.3, 0.5], [40, 1.2, 0.6]], 0.0) == 0  # the supervised model may stay
+    assert best_validated_iteration([[0, 1.0], [40, 1.2]], 0.02) == 40  # rows from before the guard compete
+
+
 @pytest.mark.slow
 def test_cqrl_ends_with_the_best_validated_iteration(tmp_path):
     """learner.rl_validation_every: the hand-over and every k-th iteration are scored on the validation pairs, their
@@ -215,7 +230,8 @@ def test_cqrl_ends_with_the_best_validated_iteration(tmp_path):
         published = roles.cluster.get(roles.learner.publish.remote())
     finally:
         roles.cluster.shutdown()
-    assert [it for it, _ in results["rl_validation"]["scores"]] == [0, 2, 3]  # hand-over, every 2nd, the last
+    assert [row[0] for row in results["rl_validation"]["scores"]] == [0, 2, 3]  # hand-over, every 2nd, the last
+    assert all(0 <= row[2] <= 1 or np.isnan(row[2]) for row in results["rl_validation"]["scores"])  # macro CE F1
     assert results["cqrl_iteration_kept"] == 2 and results["iterations"] == 3
     folder = tmp_path / results["kept_checkpoint"]  # 1 supervised epoch + the hand-over + 2 iterations
     assert results["kept_checkpoint"] == "checkpoints/iter_000004" and (tmp_path / "checkpoints/iter_000005").is_dir()

@@ -56,13 +56,15 @@ class RRGTrainer:
         self.reward_actors = roles.rewards[self.reward_name]
         self.train, self.validation = validation_split(image_report_pairs(cfg.data, "train", cfg.data.n_train),
                                                        cfg.learner.supervised_validation)
-        if cfg.learner.supervised_selection == "macro_f1" and self.validation is not None:
+        if self.validation is not None and (cfg.learner.supervised_selection == "macro_f1"
+                                            or cfg.learner.rl_selection_max_ce_drop is not None):
             positives = (self.validation.labels == Label.POSITIVE).sum(axis=0)
             if positives.max() < MACRO_MIN_POSITIVES:
-                raise ValueError(f"learner.supervised_selection 'macro_f1' needs an observation with "
-                                 f"{MACRO_MIN_POSITIVES} positive "
-                                 f"validation reports; the {len(self.validation)} validation pairs have at most "
-                                 f"{positives.max()}: raise learner.supervised_validation or use 'example_f1'")
+                raise ValueError(f"the validation macro CE F1 (learner.supervised_selection 'macro_f1', "
+                                 f"learner.rl_selection_max_ce_drop) needs an observation with {MACRO_MIN_POSITIVES} "
+                                 f"positive validation reports; the {len(self.validation)} validation pairs have at "
+                                 f"most {positives.max()}: raise learner.supervised_validation, or use 'example_f1' "
+                                 f"and leave rl_selection_max_ce_drop unset")
         self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
         self.train_ref = self.put(self.train)  # one copy in the object store for the learner's supervised epochs
         self.per_iteration = cfg.rollout.trajectories_per_iteration
@@ -73,7 +75,8 @@ class RRGTrainer:
         self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
         self.supervised_evaluation = None
         self.selection: list[float] = []  # per supervised epoch: the selection score on the validation pairs
-        self.rl_selection: list[list] = []  # [iteration, validation reward] every learner.rl_validation_every
+        # [iteration, validation reward, validation macro CE F1] every learner.rl_validation_every
+        self.rl_selection: list[list] = []
         self.weight_version = -1
         if resume:
             self.restore()
@@ -216,7 +219,9 @@ class RRGTrainer:
                                             "per_epoch": self.selection},
                    "cqrl_iteration_kept": kept,
                    "rl_validation": {"every": cfg.learner.rl_validation_every, "metric": f"mean {self.reward_name} "
-                                     "reward of greedy and sampled validation reports", "scores": self.rl_selection},
+                                     "reward of greedy and sampled validation reports", "scores": self.rl_selection,
+                                     "columns": ["iteration", "reward", "greedy macro CE F1"],
+                                     "max_ce_drop": cfg.learner.rl_selection_max_ce_drop},
                    "kept_checkpoint": str(self.checkpoint_folder(kept).relative_to(self.run_dir)),
                    "weight_version": self.weight_version, "reward": self.reward_name,
                    "backends": self.get(self.reward_actors[0].backend_names.remote()),
@@ -246,11 +251,11 @@ class RRGTrainer:
                  self.epochs_done, self.cfg.learner.supervised_selection, self.selection[best - 1], self.selection[-1])
 
     def best_iteration(self) -> int:
-        """The CQRL iteration whose validation reward is best (the earliest of ties; 0 is the hand-over), or the
-        last iteration without rl_validation_every."""
+        """The validated CQRL iteration to keep (best_validated_iteration), or the last iteration without
+        rl_validation_every."""
         if not self.rl_selection:
             return self.iteration
-        return int(self.rl_selection[int(np.argmax([score for _, score in self.rl_selection]))][0])
+        return best_validated_iteration(self.rl_selection, self.cfg.learner.rl_selection_max_ce_drop)
 
     def validate_rl(self) -> dict[str, float]:
         """Score greedy and sampled (temperature 1, fixed seeds) reports of the validation pairs with the training
@@ -264,11 +269,12 @@ class RRGTrainer:
         scorer = self.reward_actors[0]
         means = [float(np.nanmean(self.get(scorer.rewards.remote([t for part in texts for t in part], references))))
                  for texts in (greedy, sampled)]
-        self.rl_selection.append([self.iteration, float(np.mean(means))])
-        log.info("CQRL validation at iteration %d: %s reward greedy %.4f sampled %.4f", self.iteration,
-                 self.reward_name, *means)
+        macro = ce_macro_f1([t for part in greedy for t in part], references)
+        self.rl_selection.append([self.iteration, float(np.mean(means)), macro])
+        log.info("CQRL validation at iteration %d: %s reward greedy %.4f sampled %.4f, greedy macro CE F1 %.3f",
+                 self.iteration, self.reward_name, *means, macro)
         return {"validation/reward_greedy": means[0], "validation/reward_sampled": means[1],
-                "validation/selection": float(np.mean(means))}
+                "validation/selection": float(np.mean(means)), "validation/ce_macro_f1": macro}
 
     def keep_best_iteration(self) -> int:
         """End CQRL with the best validated iteration's RL LoRA (learner.rl_validation_every; the last iteration's
@@ -280,7 +286,12 @@ class RRGTrainer:
                 {k.removeprefix("rl/"): v for k, v in tensors.items() if k.startswith("rl/")}))
             self.weight_version = self.broadcast()
             log.info("CQRL: iteration %d of %d kept (validation reward %.4f; last iteration %.4f)", best,
-                     self.iteration, dict(self.rl_selection)[best], self.rl_selection[-1][1])
+                     self.iteration, {row[0]: row[1] for row in self.rl_selection}[best], self.rl_selection[-1][1])
+        excluded = set(row[0] for row in self.rl_selection) - set(eligible_iterations(
+            self.rl_selection, self.cfg.learner.rl_selection_max_ce_drop))
+        if excluded:
+            log.info("CQRL: iterations %s not kept: validation macro CE F1 more than %.3f below the hand-over's",
+                     sorted(excluded), self.cfg.learner.rl_selection_max_ce_drop)
         return best
 
     def checkpoint_folder(self, iteration: int) -> Path:
@@ -486,6 +497,23 @@ def finished_supervised_checkpoint(path: Path, cfg: ExperimentConfig) -> tuple[P
             raise ValueError(f"learner.supervised_checkpoint: {folder} was trained with a different {key} "
                              f"({old!r}; this config has {new!r}); CQRL must start from the model this config describes")
     return folder, state
+
+
+def eligible_iterations(selection: list[list], max_ce_drop: float | None) -> list[int]:
+    """The validated iterations that may end CQRL: with max_ce_drop, those whose validation macro CE F1 (the third
+    entry of a selection row) is at most max_ce_drop below the hand-over's (iteration 0, always eligible); rows
+    without one (a checkpoint from before the guard) and NaN scores pass."""
+    handover = next((row[2] for row in selection if row[0] == 0 and len(row) > 2), float("nan"))
+    return [row[0] for row in selection
+            if max_ce_drop is None or row[0] == 0 or len(row) < 3 or not row[2] < handover - max_ce_drop]
+
+
+def best_validated_iteration(selection: list[list], max_ce_drop: float | None = None) -> int:
+    """Of the [iteration, validation reward, macro CE F1] rows, the eligible iteration whose reward is best (the
+    earliest of ties; 0 is the hand-over)."""
+    eligible = set(eligible_iterations(selection, max_ce_drop))
+    rows = [row for row in selection if row[0] in eligible]
+    return int(rows[int(np.argmax([row[1] for row in rows]))][0])
 
 
 def paired_se(before: list[float], after: list[float]) -> float:
