@@ -387,10 +387,11 @@ class LearnerConfig(Section):
                              "sampled at temperature 1 of the validation pairs (learner.supervised_validation) are "
                              "scored with the training reward; CQRL ends with the weights of the iteration whose mean "
                              "of the two scores is best (the hand-over's included). 0 = the last iteration's weights")
-    rl_selection_max_ce_drop: float | None = Field(
-        None, ge=0, description="rrg, with rl_validation_every: a validated iteration whose greedy validation reports "
-                                "have a macro CE F1 more than this below the hand-over's is not kept, however high its "
-                                "reward (RadCliQ barely sees a lost finding); None = every validated iteration competes")
+    rl_selection_ce_guard: float | None = Field(
+        None, ge=0, description="rrg, with rl_validation_every: a validated iteration whose greedy validation reports' "
+                                "macro CE F1 fell below the hand-over's by more than this many standard errors (paired "
+                                "bootstrap over the validation pairs) is not kept, however high its reward (RadCliQ "
+                                "barely sees a lost finding); None = every validated iteration competes")
     supervised_checkpoint: Path | None = Field(
         None, description="rrg: skip the supervised stage and start CQRL from this finished supervised run "
                           "(its run folder or one checkpoint folder); e.g. several CQRL variants from one model")
@@ -502,9 +503,9 @@ class ExperimentConfig(Section):
         if self.learner.rl_validation_every and not self.learner.supervised_validation:
             raise ValueError("learner.rl_validation_every scores the validation pairs: set learner.supervised_validation "
                              "(e.g. 300), or rl_validation_every=0 to end CQRL with its last iteration")
-        if self.learner.rl_selection_max_ce_drop is not None and not self.learner.rl_validation_every:
-            raise ValueError("learner.rl_selection_max_ce_drop guards the choice among validated CQRL iterations: set "
-                             "learner.rl_validation_every (e.g. 40), or leave rl_selection_max_ce_drop unset")
+        if self.learner.rl_selection_ce_guard is not None and not self.learner.rl_validation_every:
+            raise ValueError("learner.rl_selection_ce_guard guards the choice among validated CQRL iterations: set "
+                             "learner.rl_validation_every (e.g. 40), or leave rl_selection_ce_guard unset")
         if self.learner.stat_min_count > self.learner.stat_buffer_size:
             raise ValueError("learner.stat_min_count must not exceed learner.stat_buffer_size")
         if self.task == "cxrl" and self.rewards.lambda_align + self.rewards.lambda_diag + self.rewards.lambda_consist == 0:

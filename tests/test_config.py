@@ -77,8 +77,8 @@ def test_override_sets_nested_value_with_yaml_types():
         ("widgets.count=3", r"widgets: unknown key"),
         ("learner.rl_validation_every=40", r"learner\.rl_validation_every scores the validation pairs: set "
                                            r"learner\.supervised_validation"),
-        ("learner.rl_selection_max_ce_drop=0.02", r"learner\.rl_selection_max_ce_drop guards the choice among "
-                                                  r"validated CQRL iterations: set learner\.rl_validation_every"),
+        ("learner.rl_selection_ce_guard=2", r"learner\.rl_selection_ce_guard guards the choice among "
+                                            r"validated CQRL iterations: set learner\.rl_validation_every"),
     ],
 )
 def test_errors_name_the_field(override, expected):

@@ -142,6 +142,23 @@ def test_macro_ce_f1_averages_the_observations_with_five_positive_references():
     assert np.isnan(ce_macro_f1(candidates, references, min_positives=7))  # no observation has 7
 
 
+def test_macro_ce_f1_change_with_a_paired_bootstrap_error():
+    """The macro of the example above (before: 1/3) against reports that write 3 of the 6 effusions and
+    cardiomegaly 7 times, its 5 included (after): effusion F1 2·3 / (3 + 6) = 2/3, cardiomegaly 2·5 / (7 + 5) =
+    5/6, macro 3/4, a rise of 5/12; the same reports twice change nothing, with no spread."""
+    from radrl.eval.text_metrics import ce_macro_f1_change
+
+    references = ["Cardiomegaly."] * 5 + ["Small left pleural effusion."] * 6 + ["The lungs are clear."] * 4
+    before = ["Cardiomegaly."] * 10 + ["The lungs are clear."] * 5
+    after = (["Cardiomegaly."] * 5 + ["Small left pleural effusion."] * 3 + ["Cardiomegaly."] * 2
+             + ["The lungs are clear."] * 5)
+    change, se = ce_macro_f1_change(before, after, references, resamples=300)
+    assert change == pytest.approx(5 / 12)
+    assert 0 < se < 5 / 12
+    assert ce_macro_f1_change(before, before, references) == (0.0, 0.0)
+    assert all(np.isnan(ce_macro_f1_change(before, after, references, min_positives=7)))
+
+
 def test_attention_overlaps_by_hand():
     from radrl.eval.region_attention import attention_overlaps
     # 2 images × 3 regions × 4 patches

@@ -149,7 +149,8 @@ def test_validation_pairs_choose_the_supervised_epoch(tmp_path):
     state = json.loads((folder / "iter_000003" / "state.json").read_text())
     assert state["selection"] == [1.0, 0.0]
     supervised = [json.loads(line) for line in (tmp_path / "supervised" / "metrics.jsonl").read_text().splitlines()]
-    assert all("supervised/validation_ce_f1" in row for row in supervised)
+    assert all("supervised/validation_ce_f1" in row and "supervised/validation_bleu4" in row for row in supervised)
+    assert not any("supervised/bleu4" in row for row in supervised)  # the test images are not decoded per epoch
     # CQRL from this supervised stage (learner.supervised_checkpoint) reports its choice and does not choose again
     later = small_config(tmp_path / "cqrl", **{"data.n_train": 24, "learner.supervised_validation": 6,
                                                "learner.supervised_epochs": 2, "learner.iterations": 1,
@@ -198,18 +199,21 @@ class ScriptedValidation(RRGTrainer):
 
 
 def test_validated_iteration_kept_skips_those_that_lose_clinical_content():
-    """learner.rl_selection_max_ce_drop: the best reward wins among the iterations whose validation macro CE F1 is
-    within the allowed drop of the hand-over's; the hand-over always competes; unguarded, the best reward wins."""
+    """learner.rl_selection_ce_guard: the best reward wins among the iterations whose validation macro CE F1 did not
+    fall by more than the guard's number of paired s.e.; the hand-over always competes; unguarded, the best reward
+    wins. Rows: [iteration, reward, macro, change from the hand-over, its s.e.]."""
     from radrl.orchestration.rrg_driver import best_validated_iteration, eligible_iterations
 
-    rows = [[0, 1.22, 0.506], [40, 1.25, 0.490], [80, 1.30, 0.439], [120, 1.27, 0.449], [160, 1.25, 0.508]]
+    rows = [[0, 1.22, 0.506, 0.0, 0.0], [40, 1.25, 0.484, -0.022, 0.020], [80, 1.30, 0.439, -0.068, 0.022],
+            [120, 1.27, 0.449, -0.057, 0.022], [160, 1.25, 0.508, 0.002, 0.019]]
     assert best_validated_iteration(rows) == 80
-    assert eligible_iterations(rows, 0.02) == [0, 40, 160]  # 80 and 120 lost 0.067 and 0.057
-    assert best_validated_iteration(rows, 0.02) == 40
-    assert best_validated_iteration(rows, 0.0) == 160  # 40 is 0.016 below
-    assert best_validated_iteration(rows, 0.1) == 80
-    assert best_validated_iteration([[0, 1.3, 0.5], [40, 1.2, 0.6]], 0.0) == 0  # the supervised model may stay
-    assert best_validated_iteration([[0, 1.0], [40, 1.2]], 0.02) == 40  # rows from before the guard compete
+    assert eligible_iterations(rows, 2.0) == [0, 40, 160]  # 80 and 120 fell 3.1 and 2.6 s.e.
+    assert best_validated_iteration(rows, 2.0) == 40
+    assert best_validated_iteration(rows, 1.0) == 160  # 40 fell 1.1 s.e.
+    assert best_validated_iteration(rows, 3.5) == 80
+    assert best_validated_iteration([[0, 1.3, 0.5, 0.0, 0.0], [40, 1.2, 0.6, 0.1, 0.02]], 2.0) == 0  # may stay
+    assert best_validated_iteration([[0, 1.0], [40, 1.2]], 2.0) == 40  # rows from before the guard compete
+    assert best_validated_iteration([[0, 1.0, 0.5, 0.0, 0.0], [40, 1.2, 0.5, float("nan"), float("nan")]], 2.0) == 40
 
 
 @pytest.mark.slow
@@ -231,7 +235,8 @@ def test_cqrl_ends_with_the_best_validated_iteration(tmp_path):
     finally:
         roles.cluster.shutdown()
     assert [row[0] for row in results["rl_validation"]["scores"]] == [0, 2, 3]  # hand-over, every 2nd, the last
-    assert all(0 <= row[2] <= 1 or np.isnan(row[2]) for row in results["rl_validation"]["scores"])  # macro CE F1
+    rows = results["rl_validation"]["scores"]  # [iteration, reward, macro CE F1, its change, the change's s.e.]
+    assert all(len(row) == 5 and (0 <= row[2] <= 1 or np.isnan(row[2])) for row in rows) and rows[0][3:] == [0, 0]
     assert results["cqrl_iteration_kept"] == 2 and results["iterations"] == 3
     folder = tmp_path / results["kept_checkpoint"]  # 1 supervised epoch + the hand-over + 2 iterations
     assert results["kept_checkpoint"] == "checkpoints/iter_000004" and (tmp_path / "checkpoints/iter_000005").is_dir()

@@ -122,6 +122,31 @@ def ce_f1_changes(before: Sequence[str], after: Sequence[str], references: Seque
     return {name: {"change": float(point[k]), "se": float(spread[k])} for k, name in enumerate(CHEXPERT_OBSERVATIONS)}
 
 
+def ce_macro_f1_change(before: Sequence[str], after: Sequence[str], references: Sequence[str], resamples: int = 500,
+                       seed: int = 0, min_positives: int = MACRO_MIN_POSITIVES) -> tuple[float, float]:
+    """Macro CE F1 (ce_macro_f1) of `after` minus that of `before`, two sets of reports for the same references,
+    and the standard error of a paired bootstrap over reports. The observations averaged are those with at least
+    `min_positives` positive references in the whole set, in every resample."""
+    first, truth = _positives(before, references)
+    second, _ = _positives(after, references)
+    kept = truth.sum(axis=0) >= min_positives
+    if not kept.any():
+        return float("nan"), float("nan")
+    first, second, truth = first[:, kept], second[:, kept], truth[:, kept]
+
+    def macro(predicted: np.ndarray, true: np.ndarray) -> float:
+        hits, total = (predicted & true).sum(axis=0), predicted.sum(axis=0) + true.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(np.nanmean(np.where(total > 0, 2 * hits / np.maximum(total, 1), np.nan)))
+
+    rng = np.random.default_rng(seed)
+    changes = []
+    for _ in range(resamples):
+        rows = rng.integers(0, len(truth), len(truth))
+        changes.append(macro(second[rows], truth[rows]) - macro(first[rows], truth[rows]))
+    return macro(second, truth) - macro(first, truth), float(np.nanstd(changes, ddof=1))
+
+
 def nlg_and_ce(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """BLEU-4, METEOR, ROUGE-L and CE precision / recall / F1 of generated reports."""
     if len(candidates) != len(references) or not candidates:

@@ -26,8 +26,8 @@ from radrl.data.pairs import image_report_pairs, validation_split
 from radrl.data.report_pool import iteration_reports, repeat_factors
 from radrl.eval.region_attention import attention_overlaps, write_region_attention
 from radrl.eval.rrg_eval import report_summary
-from radrl.eval.text_metrics import (MACRO_MIN_POSITIVES, ce_baselines, ce_f1_changes, ce_macro_f1, ce_per_observation,
-                                    clinical_efficacy, nlg_and_ce, per_observation_scores)
+from radrl.eval.text_metrics import (MACRO_MIN_POSITIVES, ce_baselines, ce_f1_changes, ce_macro_f1,
+                                    ce_macro_f1_change, ce_per_observation, nlg_and_ce, per_observation_scores)
 from radrl.orchestration.actors import Roles
 from radrl.orchestration.driver import (FaultLog, RunFailed, StageTimer, broadcast_weights, check_staleness,
                                         restore_learner, resume_hint, sampling_calls)
@@ -57,14 +57,14 @@ class RRGTrainer:
         self.train, self.validation = validation_split(image_report_pairs(cfg.data, "train", cfg.data.n_train),
                                                        cfg.learner.supervised_validation)
         if self.validation is not None and (cfg.learner.supervised_selection == "macro_f1"
-                                            or cfg.learner.rl_selection_max_ce_drop is not None):
+                                            or cfg.learner.rl_selection_ce_guard is not None):
             positives = (self.validation.labels == Label.POSITIVE).sum(axis=0)
             if positives.max() < MACRO_MIN_POSITIVES:
                 raise ValueError(f"the validation macro CE F1 (learner.supervised_selection 'macro_f1', "
-                                 f"learner.rl_selection_max_ce_drop) needs an observation with {MACRO_MIN_POSITIVES} "
+                                 f"learner.rl_selection_ce_guard) needs an observation with {MACRO_MIN_POSITIVES} "
                                  f"positive validation reports; the {len(self.validation)} validation pairs have at "
                                  f"most {positives.max()}: raise learner.supervised_validation, or use 'example_f1' "
-                                 f"and leave rl_selection_max_ce_drop unset")
+                                 f"and leave rl_selection_ce_guard unset")
         self.eval_set = image_report_pairs(cfg.data, "test", cfg.logging.eval_reports)
         self.train_ref = self.put(self.train)  # one copy in the object store for the learner's supervised epochs
         self.per_iteration = cfg.rollout.trajectories_per_iteration
@@ -75,8 +75,10 @@ class RRGTrainer:
         self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
         self.supervised_evaluation = None
         self.selection: list[float] = []  # per supervised epoch: the selection score on the validation pairs
-        # [iteration, validation reward, validation macro CE F1] every learner.rl_validation_every
+        # every learner.rl_validation_every: [iteration, validation reward, greedy validation macro CE F1, its change
+        # from the hand-over's, that change's s.e.]; the hand-over's greedy validation reports, for the changes
         self.rl_selection: list[list] = []
+        self.handover_texts: list[str] | None = None
         self.weight_version = -1
         if resume:
             self.restore()
@@ -92,24 +94,26 @@ class RRGTrainer:
     # ------------------------------------------------------------------ the loop
 
     def supervised_epoch(self) -> dict[str, float]:
-        """One supervised epoch on the learner, then losses and NLG metrics on the held-out test images (logged as
-        supervised/val_*, never used to choose), and CE F1 on the held-back training pairs (what chooses the epoch)."""
+        """One supervised epoch on the learner, then losses (and the image-reliance gap) on the held-out test
+        images (logged as supervised/val_*, never used to choose), and greedy reports' NLG and CE F1 on the
+        held-back training pairs (supervised/validation_*: what chooses the epoch). Without held-back pairs the
+        NLG and CE F1 are the held-out images' (supervised/bleu4, ...), logged only."""
         start = time.perf_counter()
         learner = self.roles.learner
         train = self.get(learner.supervised_epoch.remote(self.train_ref, self.epochs_done))
         held_out = self.get(learner.validation_loss.remote(self.eval_set))
-        texts = self.get(learner.greedy.remote(self.eval_set.images))
         self.epochs_done += 1
         scalars = {f"supervised/train_{k}": v for k, v in train.items()}
+        scalars.update({f"supervised/val_{k}": v for k, v in held_out.items()})
         if self.validation is not None:  # what chooses the epoch: never the held-out test images
             chosen, references = self.get(learner.greedy.remote(self.validation.images)), list(self.validation.reports)
-            scores = {"example_f1": clinical_efficacy(chosen, references)["ce_f1"],
-                      "macro_f1": ce_macro_f1(chosen, references)}
-            self.selection.append(scores[self.cfg.learner.supervised_selection])
-            scalars["supervised/validation_ce_f1"] = scores["example_f1"]
-            scalars["supervised/validation_macro_f1"] = scores["macro_f1"]
-        scalars.update({f"supervised/val_{k}": v for k, v in held_out.items()})
-        scalars.update({f"supervised/{k}": v for k, v in nlg_and_ce(texts, list(self.eval_set.reports)).items()})
+            scalars.update({f"supervised/validation_{k}": v for k, v in nlg_and_ce(chosen, references).items()})
+            scalars["supervised/validation_macro_f1"] = ce_macro_f1(chosen, references)
+            self.selection.append(scalars["supervised/validation_macro_f1" if self.cfg.learner.supervised_selection
+                                          == "macro_f1" else "supervised/validation_ce_f1"])
+        else:
+            texts = self.get(learner.greedy.remote(self.eval_set.images))
+            scalars.update({f"supervised/{k}": v for k, v in nlg_and_ce(texts, list(self.eval_set.reports)).items()})
         scalars["timing/epoch"] = time.perf_counter() - start
         return scalars
 
@@ -191,7 +195,7 @@ class RRGTrainer:
         else:
             self.epochs_done, self.iteration, self.last_checkpoint = 0, 0, (0, 0)
             self.supervised_evaluation, self.weight_version, self.selection = None, -1, []
-            self.rl_selection = []
+            self.rl_selection, self.handover_texts = [], None
         self.tracker.rollback(self.iteration)
         self.supervised_tracker.rollback(self.epochs_done)
         self.faults.learner_recovered(self.iteration, failed_at - self.epochs_done - self.iteration)
@@ -220,8 +224,9 @@ class RRGTrainer:
                    "cqrl_iteration_kept": kept,
                    "rl_validation": {"every": cfg.learner.rl_validation_every, "metric": f"mean {self.reward_name} "
                                      "reward of greedy and sampled validation reports", "scores": self.rl_selection,
-                                     "columns": ["iteration", "reward", "greedy macro CE F1"],
-                                     "max_ce_drop": cfg.learner.rl_selection_max_ce_drop},
+                                     "columns": ["iteration", "reward", "greedy macro CE F1", "its change from the "
+                                                 "hand-over", "the change's paired bootstrap s.e."],
+                                     "ce_guard": cfg.learner.rl_selection_ce_guard},
                    "kept_checkpoint": str(self.checkpoint_folder(kept).relative_to(self.run_dir)),
                    "weight_version": self.weight_version, "reward": self.reward_name,
                    "backends": self.get(self.reward_actors[0].backend_names.remote()),
@@ -255,7 +260,7 @@ class RRGTrainer:
         rl_validation_every."""
         if not self.rl_selection:
             return self.iteration
-        return best_validated_iteration(self.rl_selection, self.cfg.learner.rl_selection_max_ce_drop)
+        return best_validated_iteration(self.rl_selection, self.cfg.learner.rl_selection_ce_guard)
 
     def validate_rl(self) -> dict[str, float]:
         """Score greedy and sampled (temperature 1, fixed seeds) reports of the validation pairs with the training
@@ -269,12 +274,20 @@ class RRGTrainer:
         scorer = self.reward_actors[0]
         means = [float(np.nanmean(self.get(scorer.rewards.remote([t for part in texts for t in part], references))))
                  for texts in (greedy, sampled)]
-        macro = ce_macro_f1([t for part in greedy for t in part], references)
-        self.rl_selection.append([self.iteration, float(np.mean(means)), macro])
-        log.info("CQRL validation at iteration %d: %s reward greedy %.4f sampled %.4f, greedy macro CE F1 %.3f",
-                 self.iteration, self.reward_name, *means, macro)
+        texts = [t for part in greedy for t in part]
+        macro, change, se = ce_macro_f1(texts, references), 0.0, 0.0
+        if not self.rl_selection:  # the first validation is the hand-over's
+            self.handover_texts = texts
+        elif self.handover_texts is None:  # resumed from a checkpoint written before the guard existed
+            change, se = float("nan"), float("nan")
+        else:
+            change, se = ce_macro_f1_change(self.handover_texts, texts, references)
+        self.rl_selection.append([self.iteration, float(np.mean(means)), macro, change, se])
+        log.info("CQRL validation at iteration %d: %s reward greedy %.4f sampled %.4f, greedy macro CE F1 %.3f "
+                 "(%+.3f ± %.3f)", self.iteration, self.reward_name, *means, macro, change, se)
         return {"validation/reward_greedy": means[0], "validation/reward_sampled": means[1],
-                "validation/selection": float(np.mean(means)), "validation/ce_macro_f1": macro}
+                "validation/selection": float(np.mean(means)), "validation/ce_macro_f1": macro,
+                "validation/ce_macro_f1_change": change, "validation/ce_macro_f1_change_se": se}
 
     def keep_best_iteration(self) -> int:
         """End CQRL with the best validated iteration's RL LoRA (learner.rl_validation_every; the last iteration's
@@ -287,11 +300,11 @@ class RRGTrainer:
             self.weight_version = self.broadcast()
             log.info("CQRL: iteration %d of %d kept (validation reward %.4f; last iteration %.4f)", best,
                      self.iteration, {row[0]: row[1] for row in self.rl_selection}[best], self.rl_selection[-1][1])
-        excluded = set(row[0] for row in self.rl_selection) - set(eligible_iterations(
-            self.rl_selection, self.cfg.learner.rl_selection_max_ce_drop))
+        guard = self.cfg.learner.rl_selection_ce_guard
+        excluded = set(row[0] for row in self.rl_selection) - set(eligible_iterations(self.rl_selection, guard))
         if excluded:
-            log.info("CQRL: iterations %s not kept: validation macro CE F1 more than %.3f below the hand-over's",
-                     sorted(excluded), self.cfg.learner.rl_selection_max_ce_drop)
+            log.info("CQRL: iterations %s not kept: their validation macro CE F1 fell by more than %g s.e.",
+                     sorted(excluded), guard)
         return best
 
     def checkpoint_folder(self, iteration: int) -> Path:
@@ -402,6 +415,7 @@ class RRGTrainer:
         state = {"epochs_done": self.epochs_done, "iteration": self.iteration, "weight_version": self.weight_version,
                  "learner": learner_state, "supervised_evaluation": self.supervised_evaluation,
                  "selection": self.selection, "rl_selection": self.rl_selection,
+                 "rl_handover_texts": self.handover_texts,
                  "config": self.cfg.model_dump(mode="json")}
         # folders are numbered by steps done: supervised epochs, the hand-over evaluation, then iterations
         step = self.epochs_done + (self.supervised_evaluation is not None) + self.iteration
@@ -421,6 +435,7 @@ class RRGTrainer:
         self.supervised_evaluation = state["supervised_evaluation"]
         self.selection = state.get("selection", [])
         self.rl_selection = state.get("rl_selection", [])
+        self.handover_texts = state.get("rl_handover_texts")
         self.last_checkpoint = (self.epochs_done, self.iteration)
         if state["learner"]["stage"] == "rl":
             self.send_supervised()
@@ -499,19 +514,19 @@ def finished_supervised_checkpoint(path: Path, cfg: ExperimentConfig) -> tuple[P
     return folder, state
 
 
-def eligible_iterations(selection: list[list], max_ce_drop: float | None) -> list[int]:
-    """The validated iterations that may end CQRL: with max_ce_drop, those whose validation macro CE F1 (the third
-    entry of a selection row) is at most max_ce_drop below the hand-over's (iteration 0, always eligible); rows
-    without one (a checkpoint from before the guard) and NaN scores pass."""
-    handover = next((row[2] for row in selection if row[0] == 0 and len(row) > 2), float("nan"))
+def eligible_iterations(selection: list[list], ce_guard: float | None) -> list[int]:
+    """The validated iterations that may end CQRL: with ce_guard (a number of standard errors), those whose
+    validation macro CE F1 did not fall below the hand-over's by more than ce_guard × its paired s.e. (a row's
+    fourth and fifth entries); the hand-over (iteration 0), rows without them (a checkpoint from before the
+    guard) and NaN changes pass."""
     return [row[0] for row in selection
-            if max_ce_drop is None or row[0] == 0 or len(row) < 3 or not row[2] < handover - max_ce_drop]
+            if ce_guard is None or row[0] == 0 or len(row) < 5 or not row[3] < -ce_guard * row[4]]
 
 
-def best_validated_iteration(selection: list[list], max_ce_drop: float | None = None) -> int:
-    """Of the [iteration, validation reward, macro CE F1] rows, the eligible iteration whose reward is best (the
-    earliest of ties; 0 is the hand-over)."""
-    eligible = set(eligible_iterations(selection, max_ce_drop))
+def best_validated_iteration(selection: list[list], ce_guard: float | None = None) -> int:
+    """Of the [iteration, validation reward, macro CE F1, change, s.e.] rows, the eligible iteration whose reward
+    is best (the earliest of ties; 0 is the hand-over)."""
+    eligible = set(eligible_iterations(selection, ce_guard))
     rows = [row for row in selection if row[0] in eligible]
     return int(rows[int(np.argmax([row[1] for row in rows]))][0])
 
@@ -531,10 +546,10 @@ def format_epoch(epoch: int, total: int, scalars: dict) -> str:
             f"val report {scalars['supervised/val_report']:.3f}  val disease {scalars['supervised/val_disease']:.3f}  "
             f"image reliance {scalars['supervised/val_reliance_gap']:+.4f} "
             f"± {scalars['supervised/val_reliance_gap_se']:.4f}  "
-            f"BLEU-4 {scalars['supervised/bleu4']:.3f}  CE F1 {scalars['supervised/ce_f1']:.3f}  "
-            + (f"validation CE F1 {scalars['supervised/validation_ce_f1']:.3f} "
-               f"macro {scalars['supervised/validation_macro_f1']:.3f}  "
-               if "supervised/validation_ce_f1" in scalars else "")
+            + (f"validation BLEU-4 {scalars['supervised/validation_bleu4']:.3f}  CE F1 "
+               f"{scalars['supervised/validation_ce_f1']:.3f} macro {scalars['supervised/validation_macro_f1']:.3f}  "
+               if "supervised/validation_ce_f1" in scalars else
+               f"held-out BLEU-4 {scalars['supervised/bleu4']:.3f}  CE F1 {scalars['supervised/ce_f1']:.3f}  ")
             + f"{scalars['timing/epoch']:.0f} s")
 
 
