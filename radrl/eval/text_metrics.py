@@ -97,6 +97,13 @@ def per_observation_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str
     return result
 
 
+def _column_f1(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per column (observation) of two bool [N, K] arrays, the F1 of `predicted` against `true`; NaN where neither
+    has a positive."""
+    hits, total = (predicted & true).sum(axis=0), predicted.sum(axis=0) + true.sum(axis=0)
+    return np.where(total > 0, 2 * hits / np.maximum(total, 1), np.nan)
+
+
 def ce_f1_changes(before: Sequence[str], after: Sequence[str], references: Sequence[str], resamples: int = 500,
                   seed: int = 0) -> dict[str, dict[str, float]]:
     """Per observation, F1(after) − F1(before) of two sets of reports for the same references, with the
@@ -104,18 +111,13 @@ def ce_f1_changes(before: Sequence[str], after: Sequence[str], references: Seque
     fall by more than noise" is judged against. NaN where no resample has a positive either side."""
     first, truth = _positives(before, references)
     second, _ = _positives(after, references)
-
-    def f1(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
-        hits, total = (predicted & true).sum(axis=0), predicted.sum(axis=0) + true.sum(axis=0)
-        return np.where(total > 0, 2 * hits / np.maximum(total, 1), np.nan)
-
     rng = np.random.default_rng(seed)
     changes = []
     for _ in range(resamples):
         rows = rng.integers(0, len(truth), len(truth))
-        changes.append(f1(second[rows], truth[rows]) - f1(first[rows], truth[rows]))
+        changes.append(_column_f1(second[rows], truth[rows]) - _column_f1(first[rows], truth[rows]))
     changes = np.array(changes)
-    point = f1(second, truth) - f1(first, truth)
+    point = _column_f1(second, truth) - _column_f1(first, truth)
     with np.errstate(invalid="ignore"):
         spread = np.array([np.nanstd(column, ddof=1) if np.isfinite(column).sum() > 1 else np.nan
                            for column in changes.T])
@@ -135,9 +137,7 @@ def ce_macro_f1_change(before: Sequence[str], after: Sequence[str], references: 
     first, second, truth = first[:, kept], second[:, kept], truth[:, kept]
 
     def macro(predicted: np.ndarray, true: np.ndarray) -> float:
-        hits, total = (predicted & true).sum(axis=0), predicted.sum(axis=0) + true.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return float(np.nanmean(np.where(total > 0, 2 * hits / np.maximum(total, 1), np.nan)))
+        return float(np.nanmean(_column_f1(predicted, true)))
 
     rng = np.random.default_rng(seed)
     changes = []
